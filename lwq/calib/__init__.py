@@ -1,0 +1,1 @@
+"""Calibration: text sources and the statistics collected block by block."""

@@ -1,0 +1,85 @@
+"""The ``lwq`` command line: a Typer app whose commands live in ``lwq.commands``.
+
+Errors become one line on stderr starting with ``error:`` and an exit code: 0 success, 2 bad
+arguments or input, 1 other failure, 130 interrupted. ``--debug`` (anywhere on the line, or
+``LWQ_DEBUG=1``) shows the traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from lwq import __version__
+from lwq.commands import register_all
+from lwq.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, LwqError
+
+app = typer.Typer(
+    name="lwq", help="Layer-wise mixed-precision quantization of LLMs.", no_args_is_help=True,
+    pretty_exceptions_enable=False, add_completion=True, rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lwq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors (also accepted after a command)."),
+) -> None:
+    """lwq: calibrate, score, allocate bits under a budget, quantize, pack and evaluate LLMs."""
+
+
+register_all(app)
+
+
+def _fail(message: str, code: int) -> int:
+    first = " ".join(str(message).split()) or "failed"
+    sys.stderr.write(f"error: {first}\n")
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit code (never raises unless ``--debug``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("LWQ_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    _quiet_libraries()
+    try:
+        rv = app(args=args, prog_name="lwq", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.ClickException as exc:  # usage errors, bad option values
+        return _fail(exc.format_message(), EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write("error: interrupted\n")
+        return EXIT_INTERRUPTED
+    except LwqError as exc:
+        if debug:
+            raise
+        return _fail(str(exc), exc.exit_code)
+    except Exception as exc:  # the last line of defence: one line, exit 1, traceback with --debug
+        if debug:
+            raise
+        return _fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_FAILURE)
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party progress bars and advice off our stderr (rich bars are ours)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())

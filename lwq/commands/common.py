@@ -1,0 +1,51 @@
+"""Options and helpers shared by the commands."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+
+from lwq.errors import BadInput
+
+JSON_OPT = typer.Option(False, "--json", help="Print one JSON document on stdout (logs go to stderr).")
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress bars or logs.")
+DTYPE_OPT = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, the model's half type on GPU), float32, float16, bfloat16.")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
+TRUST_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code (off by default).")
+
+
+def emit_json(obj: Any) -> None:
+    """Write one JSON document to stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=_default) + "\n")
+    sys.stdout.flush()
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def parse_percent(text: str, option: str) -> float:
+    """``5%`` -> 0.05, ``0.05`` -> 0.05; anything else is a one-line error."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise BadInput(f"{option}: expected a percentage such as 5% or 0.05, got {text!r}") from None
+    if value < 0:
+        raise BadInput(f"{option}: must not be negative, got {text!r}")
+    return value
+
+
+def fmt_bytes(n: float) -> str:
+    """Human size: 1.23 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

@@ -1,0 +1,1 @@
+"""Packed formats, ``QuantizedLinear``, checkpoint read/write and export."""

@@ -1,0 +1,153 @@
+"""Load a Hugging Face causal LM (hub id or local folder) or an lwq checkpoint, safely."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lwq.errors import BadInput, LwqError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise BadInput(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"device {device!r} asked for but no CUDA GPU is available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device, config_dtype: Any = None) -> torch.dtype:
+    """``auto``: the checkpoint's half dtype on GPU, float32 on CPU (half matmuls are slow there)."""
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        if isinstance(config_dtype, str):
+            config_dtype = DTYPES.get(config_dtype.replace("torch.", ""))
+        return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise BadInput(f"invalid dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}") from None
+
+
+def looks_local(name: str) -> bool:
+    """A path-like string (exists, or starts with ./ ../ / ~, or has more than one slash)."""
+    return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or name.endswith(os.sep) or "\\" in name)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Parse ``config.json`` of a local model folder, with clear errors."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise BadInput(f"no such model path: {path}")
+    if not p.is_dir():
+        raise BadInput(f"model path is not a folder: {path}")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise BadInput(f"no config.json in {path}: not a Hugging Face model folder")
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"cannot read {cfg}: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{cfg} is not a JSON object")
+    return data
+
+
+def is_lwq_checkpoint(path: str | Path) -> bool:
+    """True for a local folder whose config carries ``quantization_config.quant_method == "lwq"``."""
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        return False
+    qc = read_config(p).get("quantization_config") or {}
+    return isinstance(qc, dict) and qc.get("quant_method") == "lwq"
+
+
+def check_local_model(path: str | Path) -> dict[str, Any]:
+    """Validate a local model folder before handing it to transformers; returns its config."""
+    p = Path(path).expanduser()
+    cfg = read_config(p)
+    if "model_type" not in cfg:
+        raise BadInput(f"{path}/config.json has no model_type: not a transformers model config")
+    if not any(p.glob("*.safetensors")):
+        if any(p.glob("*.bin")) or any(p.glob("*.pt")):
+            raise BadInput(f"{path} holds only pickle weights (*.bin); lwq loads safetensors only. "
+                           "Convert them with transformers' save_pretrained(safe_serialization=True) first")
+        raise BadInput(f"no *.safetensors weights in {path}")
+    return cfg
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> nn.Module:
+    """Load a causal LM (or an lwq checkpoint) in eval mode on ``device``.
+
+    Weights are read through safetensors only; ``trust_remote_code`` is off unless asked.
+    """
+    dev = resolve_device(device)
+    local = looks_local(name)
+    if local:
+        cfg = check_local_model(name)
+        if (cfg.get("quantization_config") or {}).get("quant_method") == "lwq":
+            from lwq.formats.checkpoint import load_checkpoint
+
+            return load_checkpoint(name, device=str(dev), dtype=dtype)
+        torch_dtype = resolve_dtype(dtype, dev, cfg.get("dtype") or cfg.get("torch_dtype"))
+    else:
+        torch_dtype = resolve_dtype(dtype, dev)
+    model = _from_pretrained(name, torch_dtype, trust_remote_code, local)
+    model.to(dev)
+    model.eval()
+    return model
+
+
+def _from_pretrained(name: str, torch_dtype: torch.dtype, trust_remote_code: bool, local: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(Path(name).expanduser()) if local else name, dtype=torch_dtype,
+            trust_remote_code=trust_remote_code, use_safetensors=True, local_files_only=local,
+        )
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        if "trust_remote_code" in msg:
+            raise BadInput(f"{name} needs custom code; rerun with --trust-remote-code if you trust it") from None
+        if "Unrecognized configuration class" in msg or "AutoModelForCausalLM" in msg:
+            raise BadInput(f"{name} is not a causal language model ({msg[:160]})") from None
+        raise BadInput(f"cannot load {name}: {msg}") from None
+    except OSError as exc:
+        msg = " ".join(str(exc).split())
+        if local:
+            raise BadInput(f"cannot load {name}: {msg[:300]}") from None
+        if "connect" in msg.lower() or "offline" in msg.lower() or "resolve" in msg.lower():
+            raise LwqError(f"cannot fetch {name!r} from the Hugging Face hub (no network or offline mode): "
+                           f"download it first or pass a local folder") from None
+        raise BadInput(f"{name!r} is neither a local folder nor a model on the Hugging Face hub: {msg[:200]}") from None
+    except (RuntimeError, KeyError) as exc:  # corrupt or mismatched weight files
+        raise BadInput(f"cannot load weights of {name}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer (an lwq checkpoint carries a copy of its source's tokenizer files)."""
+    from transformers import AutoTokenizer
+
+    local = looks_local(name)
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(Path(name).expanduser()) if local else name, trust_remote_code=trust_remote_code,
+            local_files_only=local,
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise BadInput(f"cannot load a tokenizer for {name}: {' '.join(str(exc).split())[:200]}") from None

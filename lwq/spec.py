@@ -1,0 +1,69 @@
+"""``LayerSpec``: how one linear layer is quantized. Plans map module names to specs."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from lwq.errors import BadInput
+
+SUPPORTED_BITS = (2, 3, 4, 6, 8, 16)
+SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
+FORMATS = ("gptq", "w4a8", "int6", "bnb", "fp16")
+SPEC_FIELDS = ("bits", "group_size", "sym", "backend", "format", "act_bits")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Quantization of one linear: weight bits, group size (-1 = per channel), symmetry,
+    backend name (rtn, gptq, bnb-nf4, ...), storage format and activation bits (16 = none)."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    backend: str = "rtn"
+    format: str = "gptq"
+    act_bits: int = 16
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise BadInput(f"bits must be one of {SUPPORTED_BITS[:-1]}, got {self.bits}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise BadInput(f"group size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size}")
+        if self.act_bits not in (8, 16):
+            raise BadInput(f"act_bits must be 8 or 16, got {self.act_bits}")
+        if self.format not in FORMATS:
+            raise BadInput(f"format must be one of {FORMATS}, got {self.format!r}")
+
+    @property
+    def label(self) -> str:
+        """Short human label such as ``gptq w4 g128`` or ``w4a8 g-1``."""
+        act = f"a{self.act_bits}" if self.act_bits != 16 else ""
+        return f"{self.backend} w{self.bits}{act} g{self.group_size}{' sym' if self.sym else ''}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "LayerSpec":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, where: str = "spec") -> "LayerSpec":
+        """Strictly parse a spec dict: unknown keys and wrong types are refused."""
+        if not isinstance(d, dict):
+            raise BadInput(f"{where}: expected an object with {', '.join(SPEC_FIELDS)}, got {type(d).__name__}")
+        unknown = set(d) - set(SPEC_FIELDS) - {"cost_bytes", "estimate", "bpw", "numel"}
+        if unknown:
+            raise BadInput(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(SPEC_FIELDS)}")
+        kwargs: dict[str, Any] = {}
+        for key in SPEC_FIELDS:
+            if key not in d:
+                continue
+            val = d[key]
+            want = bool if key == "sym" else (str if key in ("backend", "format") else int)
+            if want is int and (isinstance(val, bool) or not isinstance(val, int)):
+                raise BadInput(f"{where}: {key} must be an integer, got {val!r}")
+            if want is not int and not isinstance(val, want):
+                raise BadInput(f"{where}: {key} must be {want.__name__}, got {val!r}")
+            kwargs[key] = val
+        return cls(**kwargs)
