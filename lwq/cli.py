@@ -12,6 +12,11 @@ import sys
 import click
 import typer
 
+try:  # typer >= 0.26 vendors its own click; older ones use click's exceptions
+    from typer.exceptions import Abort as _TAbort, Exit as _TExit, TyperException as _TUsage
+except ImportError:  # pragma: no cover - depends on the installed typer
+    _TAbort, _TExit, _TUsage = click.exceptions.Abort, click.exceptions.Exit, click.exceptions.ClickException
+
 from lwq import __version__
 from lwq.commands import register_all
 from lwq.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, LwqError
@@ -54,11 +59,11 @@ def run(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=args, prog_name="lwq", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, _TExit) as exc:
         return exc.exit_code
-    except click.exceptions.ClickException as exc:  # usage errors, bad option values
-        return _fail(exc.format_message(), EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.ClickException, _TUsage) as exc:  # usage errors, bad option values
+        return _fail(exc.format_message(), EXIT_BAD_INPUT if exc.exit_code in (1, 2) else exc.exit_code)
+    except (click.exceptions.Abort, _TAbort, KeyboardInterrupt):
         sys.stderr.write("error: interrupted\n")
         return EXIT_INTERRUPTED
     except LwqError as exc:

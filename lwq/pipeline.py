@@ -28,8 +28,8 @@ def evaluate_ppl(
 ) -> PplResult:
     """Load ``model_name`` (a model or an lwq checkpoint; or use ``model``) and its tokenizer and
     measure perplexity on ``data``."""
-    tok = load_tokenizer(model_name, load.trust_remote_code)
-    ids = tokenize(tok, load_text(data, "eval", text_field))
     if model is None:
         model = load_model(model_name, load.dtype, load.device, load.trust_remote_code)
+    tok = load_tokenizer(model_name, load.trust_remote_code)
+    ids = tokenize(tok, load_text(data, "eval", text_field))
     return perplexity(model, ids, seqlen, stride, max_windows, batch_size, on_step)

@@ -112,9 +112,37 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remot
     return model
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers on its port (``HF_HUB_OFFLINE=1`` means no)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def ensure_hub(name: str) -> None:
+    """For a hub id not in the local cache, fail fast with one line when the hub cannot be reached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if not hub_reachable():
+        raise LwqError(f"cannot fetch {name!r} from the Hugging Face hub (no network or HF_HUB_OFFLINE=1) and it "
+                       "is not in the local cache: download it first or pass a local folder")
+
+
 def _from_pretrained(name: str, torch_dtype: torch.dtype, trust_remote_code: bool, local: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if not local:
+        ensure_hub(name)
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(Path(name).expanduser()) if local else name, dtype=torch_dtype,
@@ -144,6 +172,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     local = looks_local(name)
+    if not local:
+        ensure_hub(name)
     try:
         return AutoTokenizer.from_pretrained(
             str(Path(name).expanduser()) if local else name, trust_remote_code=trust_remote_code,
