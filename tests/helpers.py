@@ -1,0 +1,83 @@
+"""Test helpers: the shared fixtures (through ``LWQ_FIXTURES``) and tiny random models per architecture."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def shared_dir() -> Path:
+    """``$LWQ_FIXTURES`` if set (pointing at ``shared/fixtures`` or ``shared``), else ``../shared``."""
+    env = os.environ.get("LWQ_FIXTURES")
+    if env:
+        p = Path(env).expanduser().resolve()
+        return p.parent if p.name == "fixtures" else p
+    return PROJECT.parent / "shared"
+
+
+def fixture_model(name: str = "docs8") -> Path:
+    """Path of a shared pretrained fixture model; skips the test with a reason when absent."""
+    p = shared_dir() / "fixtures" / name
+    if not (p / "config.json").is_file():
+        pytest.skip(f"shared fixture model {name} not found at {p} (set LWQ_FIXTURES)")
+    return p
+
+
+def fixture_data(rel: str = "docs-eval.txt") -> Path:
+    """Path of a shared text file under ``shared/data``; skips when absent."""
+    p = shared_dir() / "data" / rel
+    if not p.is_file():
+        pytest.skip(f"shared data {rel} not found at {p} (set LWQ_FIXTURES)")
+    return p
+
+
+TINY_ARCHS = ("llama", "mistral", "qwen2", "opt", "gpt2")
+
+
+def tiny_config(arch: str, layers: int = 2, hidden: int = 64, vocab: int = 128):
+    """A transformers config for a tiny random model of ``arch``."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "gpt2":
+        return AutoConfig.for_model("gpt2", n_layer=layers, n_embd=hidden, n_head=4, n_positions=256, **common)
+    if arch == "opt":
+        return AutoConfig.for_model("opt", num_hidden_layers=layers, hidden_size=hidden, ffn_dim=4 * hidden,
+                                    num_attention_heads=4, max_position_embeddings=256,
+                                    word_embed_proj_dim=hidden, **common)
+    return AutoConfig.for_model(arch, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden + 32,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                tie_word_embeddings=False, **common)
+
+
+def tiny_model(arch: str = "llama", layers: int = 2, hidden: int = 64, vocab: int = 128, seed: int = 0):
+    """A tiny random causal LM (float32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, hidden, vocab))
+    return model.eval()
+
+
+def save_tiny(tmp: Path, arch: str = "llama", layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    """Save a tiny random model plus a small word-level tokenizer to ``tmp``; returns the folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_model(arch, layers, hidden, 128, seed)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(125)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(str(tmp))
+    return tmp
+
+
+def word_text(n: int = 4000, seed: int = 0) -> str:
+    """Random text over the tiny tokenizer's vocabulary (``w0``..``w124``)."""
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{i}" for i in torch.randint(0, 125, (n,), generator=g).tolist())
