@@ -10,13 +10,14 @@ from lwq.errors import BadInput
 SUPPORTED_BITS = (2, 3, 4, 6, 8, 16)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 FORMATS = ("gptq", "w4a8", "int6", "bnb", "fp16")
-SPEC_FIELDS = ("bits", "group_size", "sym", "backend", "format", "act_bits")
+SPEC_FIELDS = ("bits", "group_size", "sym", "backend", "format", "act_bits", "act_order")
 
 
 @dataclass(frozen=True)
 class LayerSpec:
     """Quantization of one linear: weight bits, group size (-1 = per channel), symmetry,
-    backend name (rtn, gptq, bnb-nf4, ...), storage format and activation bits (16 = none)."""
+    backend name (rtn, gptq, bnb-nf4, ...), storage format (see ``lwq.formats.layout``),
+    activation bits (16 = weight-only, 8 = int8 activations) and GPTQ act-order."""
 
     bits: int = 4
     group_size: int = 128
@@ -24,6 +25,7 @@ class LayerSpec:
     backend: str = "rtn"
     format: str = "gptq"
     act_bits: int = 16
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -60,10 +62,34 @@ class LayerSpec:
             if key not in d:
                 continue
             val = d[key]
-            want = bool if key == "sym" else (str if key in ("backend", "format") else int)
+            want = bool if key in ("sym", "act_order") else (str if key in ("backend", "format") else int)
             if want is int and (isinstance(val, bool) or not isinstance(val, int)):
                 raise BadInput(f"{where}: {key} must be an integer, got {val!r}")
             if want is not int and not isinstance(val, want):
                 raise BadInput(f"{where}: {key} must be {want.__name__}, got {val!r}")
             kwargs[key] = val
         return cls(**kwargs)
+
+
+def default_format(bits: int, act_bits: int = 16, backend: str = "rtn") -> str:
+    """The storage format for a weight/activation width: bnb backends keep their own format;
+    W4A8 -> ``w4a8``; 6-bit weights (W6A16, W6A8) -> ``int6``; 16 -> ``fp16``; else GPTQ's layout."""
+    if backend.startswith("bnb"):
+        return "bnb"
+    if bits == 16:
+        return "fp16"
+    if act_bits == 8:
+        if bits == 4:
+            return "w4a8"
+        if bits == 6:
+            return "int6"
+        raise BadInput(f"int8 activations are supported with 4- or 6-bit weights, not {bits}-bit")
+    return "int6" if bits == 6 else "gptq"
+
+
+def make_spec(bits: int, group_size: int = 128, sym: bool = False, backend: str = "rtn", act_bits: int = 16,
+              act_order: bool = False) -> LayerSpec:
+    """A spec with its format derived by ``default_format`` (W4A8/W6A8 force symmetric weights)."""
+    fmt = default_format(bits, act_bits, backend)
+    return LayerSpec(bits=bits, group_size=group_size, sym=sym or act_bits == 8, backend=backend, format=fmt,
+                     act_bits=act_bits, act_order=act_order)

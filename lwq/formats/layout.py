@@ -1,0 +1,102 @@
+"""Storage layouts: how a ``QuantizedWeight`` becomes checkpoint tensors, and back.
+
+A layout (registered by format name, the ``LayerSpec.format``) packs a quantized weight into named
+tensors (``qweight``, ``scales``, ...), dequantizes them for the pure-torch reference path, runs the
+reference forward (which for int8-activation formats also emulates the activation quantization, so
+kernels and reference compute the same function), and gives its exact byte cost.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from lwq.backends.base import QuantizedWeight
+from lwq.backends.quant import QParams, dequantize
+from lwq.formats.pack import pack, packed_len, unpack
+from lwq.registry import Registry
+from lwq.spec import LayerSpec
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Layout(ABC):
+    """One storage format. Subclasses implement ``pack``, ``dequantize`` and ``cost``."""
+
+    name: str = ""
+
+    @abstractmethod
+    def pack(self, qw: QuantizedWeight) -> Tensors:
+        """Checkpoint tensors of one linear (names without the module prefix)."""
+
+    @abstractmethod
+    def dequantize(self, t: Tensors, spec: LayerSpec, shape: tuple[int, int]) -> torch.Tensor:
+        """The float32 weight (out, in) these tensors stand for."""
+
+    @abstractmethod
+    def cost(self, out_features: int, in_features: int, spec: LayerSpec) -> int:
+        """Exact bytes of ``pack``'s tensors for a layer of this shape (what the allocator budgets)."""
+
+    def forward(self, x: torch.Tensor, t: Tensors, spec: LayerSpec, shape: tuple[int, int]) -> torch.Tensor:
+        """Reference ``x @ W^T`` (no bias) in ``x``'s dtype."""
+        w = self.dequantize(t, spec, shape).to(x.dtype)
+        return torch.nn.functional.linear(x, w)
+
+
+LAYOUTS: Registry[Layout] = Registry("storage format")
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Groups along the input dimension; the last one may be shorter (``g_idx = i // group_size``)."""
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
+class GptqLayout(Layout):
+    """GPTQ's layout: ``qweight`` int32 [words(in), out] (codes packed along the input dimension),
+    ``qzeros`` int32 [groups, words(out)], ``scales`` fp16 [groups, out], ``g_idx`` int32 [in].
+
+    lwq stores the zero points as they are (GPTQModel's ``gptq_v2``); the GPTQ v1 export subtracts one.
+    """
+
+    name = "gptq"
+
+    def pack(self, qw: QuantizedWeight) -> Tensors:
+        assert qw.q is not None and qw.scale is not None and qw.zero is not None and qw.g_idx is not None
+        bits = qw.spec.bits
+        return {
+            "qweight": pack(qw.q.t().contiguous(), bits, dim=0),
+            "qzeros": pack(qw.zero.t().contiguous(), bits, dim=1),
+            "scales": qw.scale.t().contiguous().to(torch.float16),
+            "g_idx": qw.g_idx.to(torch.int32).contiguous(),
+        }
+
+    def dequantize(self, t: Tensors, spec: LayerSpec, shape: tuple[int, int]) -> torch.Tensor:
+        out_f, in_f = shape
+        q = unpack(t["qweight"], spec.bits, in_f, dim=0).t()
+        zero = unpack(t["qzeros"], spec.bits, out_f, dim=1).t()
+        qp = QParams(t["scales"].float().t(), zero)
+        return dequantize(q, qp, t["g_idx"])
+
+    def cost(self, out_features: int, in_features: int, spec: LayerSpec) -> int:
+        g = num_groups(in_features, spec.group_size)
+        return (4 * packed_len(in_features, spec.bits) * out_features + 4 * g * packed_len(out_features, spec.bits)
+                + 2 * g * out_features + 4 * in_features)
+
+
+class Fp16Layout(Layout):
+    """An unquantized 16-bit weight (a plan may keep a layer in 16-bit)."""
+
+    name = "fp16"
+
+    def pack(self, qw: QuantizedWeight) -> Tensors:
+        return {"weight": qw.extra["weight"].to(torch.float16).contiguous()}
+
+    def dequantize(self, t: Tensors, spec: LayerSpec, shape: tuple[int, int]) -> torch.Tensor:
+        return t["weight"].float()
+
+    def cost(self, out_features: int, in_features: int, spec: LayerSpec) -> int:
+        return 2 * out_features * in_features
+
+
+LAYOUTS.add("gptq", GptqLayout())
+LAYOUTS.add("fp16", Fp16Layout())
