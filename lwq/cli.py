@@ -62,6 +62,8 @@ def run(argv: list[str] | None = None) -> int:
     except (click.exceptions.Exit, _TExit) as exc:
         return exc.exit_code
     except (click.exceptions.ClickException, _TUsage) as exc:  # usage errors, bad option values
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `lwq`: help was printed
+            return 0
         return _fail(exc.format_message(), EXIT_BAD_INPUT if exc.exit_code in (1, 2) else exc.exit_code)
     except (click.exceptions.Abort, _TAbort, KeyboardInterrupt):
         sys.stderr.write("error: interrupted\n")

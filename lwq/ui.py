@@ -21,15 +21,17 @@ def err_console(quiet: bool = False) -> Console:
 
 @contextmanager
 def progress(quiet: bool = False) -> Iterator[Progress]:
-    """A rich progress bar on stderr (hidden when quiet)."""
+    """A rich progress bar on stderr (hidden when quiet or when stderr is not a terminal)."""
+    console = err_console(quiet)
     prog = Progress(
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=err_console(quiet),
+        console=console,
         transient=True,
+        disable=quiet or not console.is_terminal,
     )
     with prog:
         yield prog

@@ -11,6 +11,7 @@ from torch import nn
 
 from lwq.errors import BadInput, LwqError
 
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -87,6 +88,9 @@ def check_local_model(path: str | Path) -> dict[str, Any]:
             raise BadInput(f"{path} holds only pickle weights (*.bin); lwq loads safetensors only. "
                            "Convert them with transformers' save_pretrained(safe_serialization=True) first")
         raise BadInput(f"no *.safetensors weights in {path}")
+    archs = cfg.get("architectures") or []
+    if archs and not any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
+        raise BadInput(f"{path} holds a {archs[0]}, not a causal language model")
     return cfg
 
 

@@ -1,0 +1,4 @@
+"""``python -m lwq``."""
+from lwq.cli import main
+
+main()
