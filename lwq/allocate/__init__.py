@@ -1,0 +1,59 @@
+"""Bit allocation under a budget: budgets, candidates per layer, solvers (registered by name), plans.
+
+``SOLVERS`` maps a name to ``solve(layers, cap_bytes, **options) -> Allocation``; ``allocate`` turns a
+``Budget`` into the byte cap, runs the named solver and states an infeasible budget in its own units.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence
+
+from lwq.allocate.budget import Budget, budget_bytes, in_budget_units, parse_budget
+from lwq.allocate.solvers import dp, ilp, order, search
+from lwq.allocate.types import Allocation, Candidate, Infeasible, LayerCandidates
+from lwq.errors import BadInput
+from lwq.registry import Registry
+
+Solver = Callable[..., Allocation]
+
+SOLVERS: Registry[Solver] = Registry("solver")
+SOLVERS.add("order", order.solve)
+SOLVERS.add("random", order.solve_random)
+SOLVERS.add("dp", dp.solve)
+SOLVERS.add("ilp", ilp.solve)
+SOLVERS.add("search", search.solve)
+
+
+def solver_options(name: str) -> list[str]:
+    """The keyword options solver ``name`` accepts (``tie_groups``, ``evaluate``, ...)."""
+    params = inspect.signature(SOLVERS.get(name)).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def run_solver(name: str, layers: Sequence[LayerCandidates], cap_bytes: int, **options: Any) -> Allocation:
+    """Run solver ``name``; an option it does not take is a one-line error naming the solvers that do."""
+    accepted = solver_options(name)
+    for key in options:
+        if key not in accepted:
+            takers = [n for n in SOLVERS.names() if key in solver_options(n)]
+            hint = f"; solvers taking it: {', '.join(takers)}" if takers else ""
+            raise BadInput(f"solver {name} does not take option {key!r}{hint}")
+    return SOLVERS.get(name)(layers, cap_bytes, **options)
+
+
+def allocate(layers: Sequence[LayerCandidates], budget: Budget | str, rest_bytes: int = 0, solver: str = "dp",
+             **options: Any) -> Allocation:
+    """Allocate under ``budget`` (``rest_bytes``: the 16-bit rest of the checkpoint, for byte and
+    fraction budgets); an infeasible budget is refused with the minimum in the budget's units."""
+    b = parse_budget(budget) if isinstance(budget, str) else budget
+    cap = budget_bytes(b, layers, rest_bytes)
+    try:
+        return run_solver(solver, layers, cap, **options)
+    except Infeasible as e:
+        need = in_budget_units(b, e.min_bytes, layers, rest_bytes)
+        raise BadInput(f"budget {b.text} is infeasible with solver {solver}: the minimum is {need} "
+                       f"({e.min_bytes} bytes of quantized layers)") from None
+
+
+__all__ = ["SOLVERS", "Allocation", "Budget", "Candidate", "Infeasible", "LayerCandidates", "allocate",
+           "budget_bytes", "in_budget_units", "parse_budget", "run_solver", "solver_options"]
