@@ -13,4 +13,14 @@ def load(path: str, device: str = "auto", dtype: str = "auto", trust_remote_code
     return load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
+def _arrange_hf_registration() -> None:
+    """``AutoModelForCausalLM.from_pretrained`` loads lwq checkpoints once lwq is imported; the
+    registration waits until transformers' quantizer registry is imported (see ``lwq.hf``)."""
+    from lwq.hf import arrange_registration
+
+    arrange_registration()
+
+
+_arrange_hf_registration()
+
 __all__ = ["__version__", "load"]

@@ -1,13 +1,14 @@
 """``lwq eval``: perplexity as a table or JSON, with CI gates that set the exit code."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import typer
 from rich.table import Table
 
 from lwq.commands.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, parse_percent
 from lwq.errors import BadInput, GateFailed
+from lwq.eval.harness import compare_docs, lm_eval_module, parse_tasks, run_tasks
 from lwq.pipeline import LoadOptions, evaluate_ppl
 from lwq.ui import err_console, out_console, progress
 
@@ -18,9 +19,27 @@ def _ppl(name: str, label: str, quiet: bool, **kw: Any) -> Any:
         return evaluate_ppl(name, on_step=lambda i, n: prog.update(task, completed=i, total=n), **kw)
 
 
+DEFAULT_DATA = "wikitext2"
+
+
+def _evaluate(name: str, data: str | None, tasks: list[str] | None, limit: int | None, quiet: bool,
+              kw: dict[str, Any]) -> dict[str, Any]:
+    """One model loaded once: perplexity on ``data`` (when given) and lm-eval ``tasks`` (when given)."""
+    from lwq.models.load import load_model, load_tokenizer
+
+    load = kw["load"]
+    model = load_model(name, load.dtype, load.device, load.trust_remote_code)
+    doc: dict[str, Any] = {"model": name}
+    if data is not None:
+        doc.update(_ppl(name, name, quiet, model=model, **{**kw, "data": data}).to_dict())
+    if tasks:
+        doc["tasks"] = run_tasks(model, load_tokenizer(name, load.trust_remote_code), tasks, limit, kw["batch_size"])
+    return doc
+
+
 def eval_command(
-    model: str = typer.Argument(..., help="Model folder, hub id or lwq checkpoint."),
-    data: str = typer.Option("wikitext2", "--data", help="Text: a .txt/.jsonl file, a folder of .txt, or wikitext2/c4/ptb."),
+    model: Optional[str] = typer.Argument(None, help="Model folder, hub id or lwq checkpoint (or use --compare A B)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Text: a .txt/.jsonl file, a folder of .txt, or wikitext2/c4/ptb (default wikitext2; with --tasks, perplexity only when given)."),
     seqlen: int = typer.Option(256, "--seqlen", help="Tokens per window."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Window step (default: seqlen, disjoint windows)."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Evaluate at most this many windows."),
@@ -29,10 +48,33 @@ def eval_command(
     max_ppl: Optional[float] = typer.Option(None, "--max-ppl", help="Fail (exit 1) if perplexity exceeds this."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Reference model for --max-ppl-increase."),
     max_ppl_increase: Optional[str] = typer.Option(None, "--max-ppl-increase", help="Fail if ppl exceeds the baseline's by more than this (5% or 0.05)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval-harness tasks, zero-shot, e.g. hellaswag,arc_easy (needs lwq[lm-eval])."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="With --tasks: at most this many examples per task."),
+    compare: Optional[Tuple[str, str]] = typer.Option(None, "--compare", metavar="A B", help="Evaluate two models on the same data and show them side by side with deltas."),
     dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, trust_remote_code: bool = TRUST_OPT,
     json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
-    """Perplexity of MODEL on a text source (sliding window; see README), with CI gates."""
+    """Perplexity of MODEL on a text source (sliding window; see README), with CI gates; zero-shot tasks
+    with --tasks; two models side by side with --compare A B."""
+    task_list = parse_tasks(tasks) if tasks is not None else None
+    if limit is not None and task_list is None:
+        raise BadInput("--limit applies to --tasks")
+    if task_list is not None:
+        lm_eval_module()  # fail before loading anything when the extra is missing
+    gated = max_ppl is not None or baseline is not None or max_ppl_increase is not None
+    if compare is not None:
+        if model is not None:
+            raise BadInput("give either MODEL or --compare A B, not both")
+        if gated:
+            raise BadInput("--compare does not take gates (--max-ppl, --baseline, --max-ppl-increase)")
+        return _compare(list(compare), data, task_list, limit, seqlen, stride, max_samples, batch_size, text_field,
+                        LoadOptions(dtype, device, trust_remote_code), json_out, quiet)
+    if model is None:
+        raise BadInput("give a MODEL to evaluate (or --compare A B)")
+    if task_list is not None and data is None and not gated:
+        return _tasks_only(model, task_list, limit, batch_size, LoadOptions(dtype, device, trust_remote_code),
+                           json_out, quiet)
+    data = data if data is not None else DEFAULT_DATA
     increase = parse_percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase is not None else None
     if increase is not None and baseline is None:
         raise BadInput("--max-ppl-increase needs --baseline MODEL")
@@ -43,14 +85,18 @@ def eval_command(
             raise BadInput(f"{name} must be positive, got {val}")
     kw: dict[str, Any] = dict(data=data, seqlen=seqlen, stride=stride, max_windows=max_samples, batch_size=batch_size,
                               load=LoadOptions(dtype, device, trust_remote_code), text_field=text_field)
-    res = _ppl(model, model, quiet or json_out, **kw)
-    doc: dict[str, Any] = {"model": model, "data": data, **res.to_dict()}
+    if task_list is None:
+        doc: dict[str, Any] = {"model": model, "data": data, **_ppl(model, model, quiet or json_out, **kw).to_dict()}
+    else:
+        one = _evaluate(model, data, task_list, limit, quiet or json_out, kw)
+        doc = {"model": model, "data": data, **{k: v for k, v in one.items() if k != "model"}}
+    ppl = doc["perplexity"]
     gates = []
     if max_ppl is not None:
-        gates.append({"gate": "max_ppl", "limit": max_ppl, "value": res.perplexity, "passed": res.perplexity <= max_ppl})
+        gates.append({"gate": "max_ppl", "limit": max_ppl, "value": ppl, "passed": ppl <= max_ppl})
     if baseline is not None:
         base = _ppl(baseline, baseline, quiet or json_out, **kw)
-        rel = res.perplexity / base.perplexity - 1
+        rel = ppl / base.perplexity - 1
         doc["baseline"] = {"model": baseline, **base.to_dict()}
         doc["ppl_increase"] = rel
         if increase is not None:
@@ -61,6 +107,8 @@ def eval_command(
         emit_json(doc)
     else:
         _render(doc)
+        if "tasks" in doc:
+            _render_tasks(doc)
     failed = [g for g in gates if not g["passed"]]
     if failed:
         g = failed[0]
@@ -81,6 +129,53 @@ def _render(doc: dict[str, Any]) -> None:
     for g in doc["gates"]:
         status = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
         err_console().print(f"gate {g['gate']}: {g['value']:.4g} (limit {g['limit']:.4g}) {status}")
+
+
+def _tasks_only(model: str, tasks: list[str], limit: int | None, batch_size: int, load: LoadOptions, json_out: bool,
+                quiet: bool) -> None:
+    doc = _evaluate(model, None, tasks, limit, quiet or json_out, {"load": load, "batch_size": batch_size})
+    if json_out:
+        emit_json(doc)
+    else:
+        _render_tasks(doc)
+
+
+def _render_tasks(doc: dict[str, Any]) -> None:
+    table = Table(title=f"lm-eval tasks: {doc['model']}")
+    for col in ("task", "metric", "value"):
+        table.add_column(col, justify="left" if col != "value" else "right")
+    for task, metrics in doc["tasks"].items():
+        for metric, value in metrics.items():
+            table.add_row(task, metric, f"{value:.4f}")
+    out_console().print(table)
+
+
+def _compare(names: list[str], data: str | None, tasks: list[str] | None, limit: int | None, seqlen: int,
+             stride: Optional[int], max_samples: Optional[int], batch_size: int, text_field: str, load: LoadOptions,
+             json_out: bool, quiet: bool) -> None:
+    """``--compare A B``: both models on the same data (and tasks), side by side with deltas (B - A)."""
+    if data is None and tasks is None:
+        data = DEFAULT_DATA
+    kw: dict[str, Any] = dict(seqlen=seqlen, stride=stride, max_windows=max_samples, batch_size=batch_size, load=load,
+                              text_field=text_field)
+    a, b = (_evaluate(n, data, tasks, limit, quiet or json_out, kw) for n in names)
+    doc = {"compare": names, "data": data, **compare_docs(a, b)}
+    if json_out:
+        emit_json(doc)
+        return
+    table = Table(title=f"{names[0]} (A) vs {names[1]} (B)" + (f" on {data}" if data else ""))
+    for col in ("metric", "A", "B", "B - A"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    d = doc["delta"]
+    for key in ("perplexity", "nll"):
+        if key in d:
+            rel = f" ({d['perplexity_relative'] * 100:+.2f}%)" if key == "perplexity" else ""
+            table.add_row(key, f"{a[key]:.4f}", f"{b[key]:.4f}", f"{d[key]:+.4f}{rel}")
+    for task, metrics in d.get("tasks", {}).items():
+        for metric, diff in metrics.items():
+            table.add_row(f"{task} {metric}", f"{a['tasks'][task][metric]:.4f}", f"{b['tasks'][task][metric]:.4f}",
+                          f"{diff:+.4f}")
+    out_console().print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,148 @@
+"""``lwq doctor``: what this installation can do, and for each missing piece, why."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from lwq.commands.common import JSON_OPT, emit_json
+from lwq.ui import out_console
+
+# display name -> import name
+PACKAGES = {"torch": "torch", "transformers": "transformers", "safetensors": "safetensors", "datasets": "datasets",
+            "triton": "triton", "bitsandbytes": "bitsandbytes", "lm-eval": "lm_eval", "highspy": "highspy",
+            "accelerate": "accelerate"}
+EXTRAS = {"triton": "lwq[triton]", "bitsandbytes": "lwq[bnb]", "lm-eval": "lwq[lm-eval]", "highspy": "lwq[ilp]",
+          "accelerate": "lwq[accelerate]"}
+# solvers that need an optional package: name -> import name
+SOLVER_NEEDS = {"ilp": "highspy"}
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def package_status(module: str) -> dict[str, Any]:
+    """``{"version", "error"}``: the version when ``module`` imports, else None and the import error."""
+    from importlib import metadata
+
+    try:
+        mod = importlib.import_module(module)
+    except (ImportError, OSError, RuntimeError) as exc:
+        return {"version": None, "error": _one_line(exc)}
+    version = getattr(mod, "__version__", None)
+    if version is None:
+        try:
+            version = metadata.version(module.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+    return {"version": str(version), "error": None}
+
+
+def cuda_status() -> dict[str, Any]:
+    """CUDA availability, the torch build's CUDA version, and each device's name and compute capability."""
+    import torch
+
+    built = torch.version.cuda
+    if not torch.cuda.is_available():
+        why = "torch is built without CUDA (a CPU wheel)" if built is None else "no CUDA device is visible (driver or CUDA_VISIBLE_DEVICES)"
+        return {"available": False, "torch_cuda": built, "devices": [], "reason": why}
+    devices = []
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        devices.append({"index": i, "name": torch.cuda.get_device_name(i), "capability": f"{major}.{minor}"})
+    return {"available": True, "torch_cuda": built, "devices": devices, "reason": None}
+
+
+def backend_status() -> list[dict[str, Any]]:
+    from lwq.backends import BACKENDS, bnb_status
+
+    bnb = bnb_status()
+    return [{"name": n, "available": not (n.startswith("bnb") and bnb), "reason": bnb if n.startswith("bnb") else None}
+            for n in BACKENDS.names()]
+
+
+def kernel_rows() -> list[dict[str, Any]]:
+    """``lwq.kernels.kernel_status()`` as rows (``reason`` says what a usable kernel covers)."""
+    from lwq.kernels import kernel_status
+
+    return [{"name": n, "available": ok, "reason": why} for n, ok, why in kernel_status()]
+
+
+def solver_status() -> list[dict[str, Any]]:
+    from lwq.allocate import SOLVERS
+
+    rows = []
+    for name in SOLVERS.names():
+        need = SOLVER_NEEDS.get(name)
+        missing = need is not None and importlib.util.find_spec(need) is None
+        rows.append({"name": name, "available": not missing,
+                     "reason": f"needs {need}: pip install {need} (or lwq[ilp])" if missing else None})
+    return rows
+
+
+def transformers_status() -> dict[str, Any]:
+    """Whether ``AutoModelForCausalLM.from_pretrained`` can load lwq checkpoints (lwq's quantizer registers)."""
+    from lwq.hf import register
+
+    try:
+        register()
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        return {"from_pretrained": False, "reason": _one_line(exc)}
+    return {"from_pretrained": True, "reason": None}
+
+
+def doctor_report() -> dict[str, Any]:
+    """The JSON document of ``lwq doctor --json``."""
+    from lwq import __version__
+
+    backends = backend_status()  # first: it keeps bitsandbytes' import-time advice off stderr
+    packages = {name: package_status(mod) for name, mod in PACKAGES.items()}
+    for name, extra in EXTRAS.items():
+        if packages[name]["error"] and "No module named" in packages[name]["error"]:
+            packages[name]["error"] += f" (pip install '{extra}')"
+    return {"lwq": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "packages": packages, "cuda": cuda_status(), "backends": backends, "kernels": kernel_rows(),
+            "solvers": solver_status(), "transformers_integration": transformers_status()}
+
+
+def doctor_command(json_out: bool = JSON_OPT) -> None:
+    """Versions, CUDA device and capability, and which backends, kernels and solvers work here (and why not)."""
+    report = doctor_report()
+    if json_out:
+        emit_json(report)
+        return
+    console = out_console()
+    console.print(f"lwq {report['lwq']} on Python {report['python']} ({report['platform']})", highlight=False)
+    pk = Table(title="packages")
+    for col in ("package", "version", "note"):
+        pk.add_column(col)
+    for name, p in report["packages"].items():
+        pk.add_row(name, escape(p["version"]) if p["version"] else "[red]missing[/]", escape(p["error"] or ""))
+    console.print(pk)
+    cuda = report["cuda"]
+    if cuda["available"]:
+        for d in cuda["devices"]:
+            console.print(f"CUDA {cuda['torch_cuda']}: cuda:{d['index']} {d['name']} (compute capability {d['capability']})",
+                          highlight=False)
+    else:
+        console.print(f"CUDA: not available ({cuda['reason']})", highlight=False)
+    for title in ("backends", "kernels", "solvers"):
+        t = Table(title=title)
+        for col in ("name", "available", "why / what"):
+            t.add_column(col)
+        for r in report[title]:
+            t.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", escape(r["reason"] or ""))
+        console.print(t)
+    hf = report["transformers_integration"]
+    console.print("transformers from_pretrained of lwq checkpoints: " +
+                  ("yes" if hf["from_pretrained"] else f"no ({hf['reason']})"), highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("doctor")(doctor_command)

@@ -1,0 +1,184 @@
+"""GPTQ export: read back by an independent dequantizer (tests/gptq_reference.py), refusals and --fix."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gptq_reference import load_gptq_model, read_gptq
+from helpers import fixture_data, fixture_model, save_tiny, word_text
+from lwq.calib.data import load_text, tokenize
+from lwq.cli import run
+from lwq.eval.perplexity import perplexity
+from lwq.formats.qlinear import QuantizedLinear
+from lwq.models.arch import linear_names
+from lwq.models.load import load_model, load_tokenizer
+from lwq.pipeline import LoadOptions, evaluate_ppl, quantize_to_checkpoint
+from lwq.spec import LayerSpec, make_spec
+
+CPU = LoadOptions(device="cpu")
+
+
+def docs8_plan(model):
+    """Mixed precision over 2/3/4/8 bits and group sizes 32/64/128 (ragged on 192 inputs), one layer kept fp16."""
+    plan = {}
+    for name in linear_names(model):
+        block = int(name.split(".")[2])
+        if "proj" in name and any(k in name for k in ("q_proj", "k_proj", "v_proj")):
+            plan[name] = make_spec(4, 64) if block % 2 == 0 else make_spec(3, 128)
+        elif "o_proj" in name:
+            plan[name] = make_spec(8, 64)
+        elif "gate_proj" in name or "up_proj" in name:
+            plan[name] = make_spec(2, 32) if block == 0 else make_spec(4, 128)
+        else:
+            plan[name] = make_spec(16) if block == 7 else make_spec(3, 128, sym=block == 3)
+    return plan
+
+
+@pytest.fixture(scope="module")
+def docs8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("docs8") / "ckpt"
+    quantize_to_checkpoint(str(fixture_model("docs8")), str(out), docs8_plan, load=CPU)
+    return out
+
+
+def lwq_weights(path):
+    model = load_model(str(path), device="cpu")
+    return model, {n: m.dequantize() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+@pytest.mark.slow
+def test_docs8_export_matches_lwq_weights_and_perplexity(docs8, tmp_path, capsys):
+    out = tmp_path / "gptq"
+    assert run(["export", str(docs8), "--format", "gptq", "-o", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["requantized"] == [] and summary["kept_16bit"] == ["model.layers.7.mlp.down_proj"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq" and qc["desc_act"] is False
+    assert (qc["bits"], qc["group_size"], qc["sym"]) == (3, 128, False)  # 12 q/k/v + 6 down_proj: the most common
+    assert qc["dynamic"]["+:^model\\.layers\\.3\\.mlp\\.down_proj$"] == {"sym": True}
+    assert "-:^model\\.layers\\.7\\.mlp\\.down_proj$" in qc["dynamic"]
+    assert json.loads((out / "quantize_config.json").read_text()) == qc
+
+    _, state, bits_of = read_gptq(out)
+    lwq_model, weights = lwq_weights(docs8)
+    plan = docs8_plan(lwq_model)
+    for name, w in weights.items():
+        assert bits_of[name] == plan[name].bits, name
+        assert torch.equal(state[f"{name}.weight"], w.float()), name
+
+    ref = load_gptq_model(out)
+    text = fixture_data("docs-eval.txt")
+    ids = tokenize(load_tokenizer(str(docs8)), load_text(str(text), "eval"))
+    ours = evaluate_ppl(str(docs8), str(text), seqlen=128, max_windows=6, load=CPU)
+    theirs = perplexity(ref, ids, 128, max_windows=6)
+    assert theirs.tokens == ours.tokens
+    assert theirs.perplexity == pytest.approx(ours.perplexity, rel=1e-5)
+    original = load_model(str(fixture_model("docs8")), device="cpu").model.layers[0].mlp.gate_proj.weight
+    assert (ref.model.layers[0].mlp.gate_proj.weight - original).abs().max() > 1e-3  # really the 2-bit layer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    save_tiny(root / "model", "llama")
+    (root / "text.txt").write_text(word_text(3000))
+    return root
+
+
+def tiny_ckpt(tiny, name, plan_fn):
+    out = tiny / name
+    if not out.exists():
+        quantize_to_checkpoint(str(tiny / "model"), str(out), plan_fn, load=CPU)
+    return out
+
+
+def odd_plan(model):
+    """q/k/v at 4/2/4 bits (a fused group that differs), an int6 down_proj, a hand-made 6-bit GPTQ o_proj."""
+    plan = {}
+    for name in linear_names(model):
+        if name.endswith("k_proj"):
+            plan[name] = make_spec(2, 32)
+        elif name.endswith("down_proj"):
+            plan[name] = make_spec(6, 32)  # int6 format
+        elif name.endswith("layers.1.self_attn.o_proj"):
+            plan[name] = LayerSpec(bits=6, group_size=32, format="gptq")
+        else:
+            plan[name] = make_spec(4, 32)
+    return plan
+
+
+def test_refusals_are_one_line_and_fix_repairs(tiny, tmp_path, capsys):
+    ckpt = tiny_ckpt(tiny, "odd", odd_plan)
+    assert run(["export", str(ckpt), "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "int6 6-bit is not a GPTQ layout" in err and "--fix" in err
+    assert "model.layers.0.mlp.down_proj" in err and not (tmp_path / "a").exists()
+
+    assert run(["export", str(ckpt), "-o", str(tmp_path / "v"), "--target", "vllm", "--fix", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "model.layers.1.self_attn.o_proj" in doc["requantized"]  # 6-bit GPTQ is not served by vLLM
+    assert any("fused with q_proj at w4" in n for n in doc["notes"])
+    _, state, bits_of = read_gptq(tmp_path / "v")
+    for i in (0, 1):
+        qkv = {bits_of[f"model.layers.{i}.self_attn.{p}_proj"] for p in "qkv"}
+        assert qkv == {4}
+        assert bits_of[f"model.layers.{i}.mlp.down_proj"] == 8
+    _, weights = lwq_weights(ckpt)
+    for name, w in weights.items():
+        got = state[f"{name}.weight"]
+        if name.endswith(("k_proj", "down_proj", "layers.1.self_attn.o_proj")):  # re-quantized upwards: close
+            assert (got - w).abs().max() <= 0.02 * w.abs().max(), name
+        else:
+            assert torch.equal(got, w), name
+    assert any(k.endswith("(?:q_proj|k_proj|v_proj|qkv_proj)$") for k in json.loads(
+        (tmp_path / "v" / "config.json").read_text())["quantization_config"]["dynamic"]) is False  # q/k/v = default
+    ref = load_gptq_model(tmp_path / "v")
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    lwq_model = load_model(str(ckpt), device="cpu")
+    with torch.no_grad():
+        diff = (ref(input_ids=ids).logits - lwq_model(input_ids=ids).logits).abs().max()
+    assert diff < 0.05
+
+
+def fused_plan(model):
+    return {n: make_spec(2 if n.endswith("v_proj") else 4, 32) for n in linear_names(model)}
+
+
+def test_vllm_refuses_mismatched_fused_group_and_6bit(tiny, tmp_path, capsys):
+    ckpt = tiny_ckpt(tiny, "fused", fused_plan)
+    assert run(["export", str(ckpt), "-o", str(tmp_path / "ok")]) == 0  # GPTQModel does not fuse
+    capsys.readouterr()
+    assert run(["export", str(ckpt), "-o", str(tmp_path / "v"), "--target", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "vllm fuses q_proj/k_proj/v_proj" in err and "model.layers.0.self_attn" in err and "v_proj w2 g32" in err
+    six = tiny_ckpt(tiny, "six", lambda m: {n: LayerSpec(bits=6, group_size=32, format="gptq") for n in linear_names(m)})
+    assert run(["export", str(six), "-o", str(tmp_path / "s"), "--target", "vllm"]) == 2
+    assert "6-bit is not served by vllm" in capsys.readouterr().err
+    assert run(["export", str(six), "-o", str(tmp_path / "s"), "--target", "vllm", "--fix", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["default"]["bits"] == 8
+
+
+def test_vllm_needs_whole_groups(tiny, tmp_path, capsys):
+    ckpt = tiny_ckpt(tiny, "ragged", lambda m: {n: make_spec(4, 64) for n in linear_names(m)})  # down_proj: 160 inputs
+    assert run(["export", str(ckpt), "-o", str(tmp_path / "v"), "--target", "vllm"]) == 2
+    assert "group size 64 does not divide 160 inputs" in capsys.readouterr().err
+    assert run(["export", str(ckpt), "-o", str(tmp_path / "v"), "--target", "vllm", "--fix", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["layers"]["model.layers.0.mlp.down_proj"]["group_size"] == 32
+    config, state, _ = read_gptq(tmp_path / "v")
+    assert config["dtype"] == "float16"
+
+
+def test_existing_output_needs_force(tiny, tmp_path, capsys):
+    ckpt = tiny_ckpt(tiny, "fused", fused_plan)
+    out = tmp_path / "o"
+    out.mkdir()
+    assert run(["export", str(ckpt), "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert run(["export", str(ckpt), "-o", str(out), "--force"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".o.*"))
+    assert run(["export", str(ckpt), "-o", str(tmp_path / "x"), "--format", "awq"]) == 2
+    assert "unknown export format 'awq'" in capsys.readouterr().err
