@@ -33,3 +33,214 @@ def evaluate_ppl(
     tok = load_tokenizer(model_name, load.trust_remote_code)
     ids = tokenize(tok, load_text(data, "eval", text_field))
     return perplexity(model, ids, seqlen, stride, max_windows, batch_size, on_step)
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize_to_checkpoint`` did: the in-memory quantized model and a JSON-able summary."""
+
+    model: Any
+    summary: dict[str, Any]
+
+
+def quantize_to_checkpoint(
+    model_name: str, out: str, plan: Any, data: str | None = None, nsamples: int = 128, seqlen: int = 2048,
+    seed: int = 0, load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text",
+    on_block: Callable[[int, int], None] | None = None, pre_quantize: Any = None,
+) -> QuantizeResult:
+    """Load ``model_name``, quantize it under ``plan`` (a dict name -> LayerSpec, or a function of the
+    loaded model returning one) block by block, and write the checkpoint to ``out``.
+
+    Calibration windows from ``data`` are sampled only when the plan needs them (GPTQ, int8
+    activations). ``on_block(done, total)`` reports progress."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from lwq.calib.data import calibration_samples
+    from lwq.errors import BadInput
+    from lwq.formats.checkpoint import save_checkpoint
+    from lwq.formats.qlinear import QuantizedLinear
+    from lwq.models.arch import get_blocks
+    from lwq.models.load import is_lwq_checkpoint, looks_local, resolve_device, resolve_dtype
+    from lwq.quantize import plan_needs_data, quantize_model
+
+    if Path(out).expanduser().exists() and not force:
+        raise BadInput(f"output {out} already exists; pass --force to replace it")
+    if looks_local(model_name) and is_lwq_checkpoint(model_name):
+        raise BadInput(f"{model_name} is already an lwq checkpoint; quantize the original model")
+    dev = resolve_device(load.device)
+    dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
+    model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+    layer_plan = plan(model) if callable(plan) else dict(plan)
+    if not layer_plan:
+        raise BadInput("the plan quantizes no layer")
+    tok = load_tokenizer(model_name, load.trust_remote_code)
+    batches = None
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
+    if plan_needs_data(layer_plan):
+        if data is None:
+            raise BadInput("this plan (GPTQ or int8 activations) needs calibration text: pass --data PATH")
+        batches = calibration_samples(tok, data, nsamples, seqlen, seed, text_field)
+    torch.manual_seed(seed)
+    nblocks = len(get_blocks(model))
+    t0 = time.perf_counter()
+    quantize_model(model, layer_plan, batches, dev, pre_quantize=pre_quantize,
+                   on_block=None if on_block is None else (lambda i, _l, _x: on_block(i + 1, nblocks)))
+    seconds = time.perf_counter() - t0
+    qlayers = [model.get_submodule(n) for n in layer_plan]
+    qbytes = sum(m.weight_bytes() for m in qlayers if isinstance(m, QuantizedLinear))
+    numel = sum(m.out_features * m.in_features for m in qlayers if isinstance(m, QuantizedLinear))
+    specs = list(layer_plan.values())
+
+    def uniform(field: str) -> Any:
+        vals = {getattr(s, field) for s in specs}
+        return vals.pop() if len(vals) == 1 else "mixed"
+
+    summary: dict[str, Any] = {
+        "source": model_name, "output": str(Path(out).expanduser().resolve()), "backend": uniform("backend"),
+        "bits": uniform("bits"), "group_size": uniform("group_size"), "sym": uniform("sym"),
+        "act_bits": uniform("act_bits"), "act_order": uniform("act_order"), "format": uniform("format"),
+        "bits_per_weight": 8.0 * qbytes / numel, "quantized_bytes": qbytes, "quantized_params": numel,
+        "num_layers": len(layer_plan), "num_blocks": nblocks, "device": str(dev),
+        "calibration": None if batches is None else {"data": data, "nsamples": int(batches.shape[0]),
+                                                     "seqlen": int(batches.shape[1]), "seed": seed},
+        "seconds": seconds,
+    }
+    path = save_checkpoint(model, out, layer_plan, model_name, {"summary": summary}, force=force,
+                           tokenizer=None if looks_local(model_name) else tok)
+    summary["checkpoint_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return QuantizeResult(model, summary)
+
+
+def _calib_batches(model_name: str, data: str, nsamples: int, seqlen: int, seed: int, load: LoadOptions,
+                   text_field: str) -> Any:
+    """Tokenized calibration windows (nsamples, seqlen) of ``data`` for ``model_name``'s tokenizer."""
+    from lwq.calib.data import calibration_samples
+
+    tok = load_tokenizer(model_name, load.trust_remote_code)
+    return calibration_samples(tok, data, nsamples, seqlen, seed, text_field)
+
+
+def _source_name(name: str) -> str:
+    """An absolute path for local folders/files (so a calibration folder can find them again)."""
+    from pathlib import Path
+
+    from lwq.models.load import looks_local
+
+    p = Path(name).expanduser()
+    return str(p.resolve()) if looks_local(name) and p.exists() else name
+
+
+def calibrate_to_dir(
+    model_name: str, data: str, out: str, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+    load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text", batch_size: int = 8,
+    lazy: bool = True, on_block: Progress | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Calibrate ``model_name`` on ``data`` block by block and save the statistics to ``out``.
+
+    With ``lazy`` the model is read one block at a time from its safetensors files
+    (``lwq.models.lazy``) so memory stays about one block whatever the depth; models that cannot be
+    loaded that way are loaded whole on CPU and their blocks moved to the device one at a time.
+    Each block's Hessians are written to ``out`` as soon as the block is done. Returns
+    ``(CalibStats without the Hessians, summary)``; ``lwq.calib.store.load_calib(out)`` reads them all."""
+    from pathlib import Path
+
+    from lwq.calib.stats import collect_stats
+    from lwq.calib.store import CalibWriter
+    from lwq.errors import BadInput
+    from lwq.models.lazy import LazyUnsupported, load_lazy
+    from lwq.models.load import resolve_device, resolve_dtype
+
+    if nsamples < 1:
+        raise BadInput(f"--nsamples must be positive, got {nsamples}")
+    if seqlen < 2:
+        raise BadInput(f"--seqlen must be at least 2, got {seqlen}")
+    if batch_size < 1:
+        raise BadInput(f"--batch-size must be positive, got {batch_size}")
+    if Path(out).expanduser().exists() and not force:
+        raise BadInput(f"output {out} already exists (use --force to overwrite)")
+    dev = resolve_device(load.device)
+    batches = _calib_batches(model_name, data, nsamples, seqlen, seed, load, text_field)
+    loader, how = None, "lazy"
+    try:
+        if not lazy:
+            raise LazyUnsupported("lazy loading turned off")
+        model, loader = load_lazy(model_name, load.dtype, load.device)
+    except LazyUnsupported as exc:
+        how = f"eager ({exc})"
+        dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
+        model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+    writer = CalibWriter(out, force)
+    try:
+        stats = collect_stats(model, batches, dev, on_block=on_block, batch_size=batch_size, loader=loader,
+                              on_linears=writer.add_block)
+        meta = {"model": _source_name(model_name), "data": _source_name(data), "text_field": text_field,
+                "seed": seed, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),
+                "loader": how}
+        path = writer.finish(stats, meta["model"], meta)
+    except BaseException:
+        writer.abort()
+        raise
+    summary = {"output": str(path.resolve()), **stats.meta, **meta,
+               "blocks": {n: b.to_dict() for n, b in stats.blocks.items()}}
+    return stats, summary
+
+
+def score_layers(
+    source: str, methods: list[str], config: Any, data: str | None = None, model_name: str | None = None,
+    nsamples: int = 32, seqlen: int = 256, seed: int = 0, load: LoadOptions = LoadOptions(),
+    text_field: str = "text", on_step: Progress | None = None, on_block: Progress | None = None,
+) -> dict[str, Any]:
+    """Score layers of a model (or of a calibration folder's model) with the named scorers.
+
+    ``source`` is a calibration folder (its statistics are reused; the model is reloaded from
+    ``model_name`` or the path it records when a method needs weights) or a model (statistics are
+    collected on ``data`` first when a method needs them). Returns the JSON document of ``lwq score``:
+    ``{"granularity", "methods", "layers": [{"name", "scores", "ranks"}], ...}`` in model order."""
+    from lwq.calib.stats import collect_stats
+    from lwq.calib.store import check_matches, is_calib_dir, load_calib
+    from lwq.errors import BadInput
+    from lwq.score import SCORERS, ScoreInputs, ranks
+
+    if nsamples < 1:
+        raise BadInput(f"--nsamples must be positive, got {nsamples}")
+    if seqlen < 2:
+        raise BadInput(f"--seqlen must be at least 2, got {seqlen}")
+    scorers = [SCORERS.get(m) for m in methods]
+    needs = set().union(*(s.needs for s in scorers))
+    stats = None
+    if is_calib_dir(source):
+        stats = load_calib(source)
+        if "hessians" in needs and any(s.hessian is None for s in stats.linears.values()):
+            raise BadInput(f"{source} holds no Hessians; recalibrate or drop the hessian method")
+        model_name = model_name or stats.meta.get("model")
+        data = data or stats.meta.get("data")
+    else:
+        if model_name is not None:
+            raise BadInput("--model is only for a calibration folder as the first argument")
+        model_name = source
+    model = samples = None
+    if needs & {"model", "samples"} or stats is None:
+        model = load_model(model_name, load.dtype, load.device, load.trust_remote_code)
+        if stats is not None:
+            check_matches(stats, model, source)
+    if needs & {"samples"} or (stats is None and needs & {"stats", "hessians"}):
+        if data is None:
+            raise BadInput(f"method(s) {', '.join(methods)} need calibration text: pass --data PATH")
+        samples = _calib_batches(model_name, data, nsamples, seqlen, seed, load, text_field)
+    if stats is None and needs & {"stats", "hessians"}:
+        stats = collect_stats(model, samples, next(model.parameters()).device, on_block=on_block,
+                              hessians="hessians" in needs)
+    inputs = ScoreInputs(model, stats, samples, on_step=on_step)
+    results = {s.name: s.fn(inputs, config) for s in scorers}
+    names = list(next(iter(results.values())))
+    rank_of = {m: ranks(r) for m, r in results.items()}
+    layers = [{"name": n, "scores": {m: results[m][n] for m in results}, "ranks": {m: rank_of[m][n] for m in results}}
+              for n in names]
+    return {"granularity": config.granularity, "methods": list(results), "source": source, "model": model_name,
+            "data": data, "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "nsamples": None if samples is None else int(samples.shape[0]),
+            "seqlen": None if samples is None else int(samples.shape[1]), "layers": layers}

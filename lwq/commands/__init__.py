@@ -5,7 +5,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES = ("eval_cmd", "info", "demo")
+COMMAND_MODULES = ("eval_cmd", "info", "demo", "quantize", "calibrate", "score", "export", "doctor", "report")
 
 
 def register_all(app: typer.Typer) -> None:

@@ -5,7 +5,7 @@ from lwq.formats import layout
 from lwq.formats.layout import LAYOUTS, Layout
 
 # Each module below registers its layout(s) in LAYOUTS when imported (explicit, no plugin magic).
-LAYOUT_MODULES: tuple[str, ...] = ()
+LAYOUT_MODULES: tuple[str, ...] = ("lwq.formats.bnb_layout", "lwq.formats.w4a8", "lwq.formats.int6")
 
 
 def _load_all() -> None:

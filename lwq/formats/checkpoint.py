@@ -1,0 +1,272 @@
+"""The lwq checkpoint: safetensors shards, ``config.json`` with ``quantization_config`` (the plan),
+the source's tokenizer and generation config, and ``lwq_manifest.json`` (sha256 and size per shard).
+
+Writing goes to a temporary sibling folder that is renamed into place once complete; loading checks
+the manifest first, then rebuilds the transformers model without random init and swaps the planned
+linears for ``QuantizedLinear``s before loading the tensors strictly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lwq.errors import BadInput
+from lwq.formats.qlinear import QuantizedLinear, replace_linear
+from lwq.models.arch import linear_shape
+from lwq.models.load import read_config, resolve_device, resolve_dtype
+from lwq.spec import LayerSpec
+
+FORMAT_VERSION = 1
+MANIFEST = "lwq_manifest.json"
+INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 2 * 1024**3
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def quantization_config(plan: dict[str, LayerSpec]) -> dict[str, Any]:
+    """The ``quantization_config`` block: format version, the most common spec as default, every layer."""
+    specs = [s.to_dict() for s in plan.values()]
+    default = max(specs, key=lambda d: specs.count(d)) if specs else LayerSpec().to_dict()
+    return {"quant_method": "lwq", "format_version": FORMAT_VERSION, "default": default,
+            "layers": {name: spec.to_dict() for name, spec in plan.items()}}
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without aliases (tied weights keep their first name), contiguous and on CPU."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += n
+    return shards
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, LayerSpec], source: str,
+                    extra_meta: dict[str, Any] | None = None, force: bool = False, tokenizer: Any = None,
+                    max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write ``model`` (its planned linears already ``QuantizedLinear``s) as an lwq checkpoint.
+
+    An existing ``out_dir`` is refused unless ``force``; it is replaced only once the new one is
+    complete. The tokenizer is saved from ``tokenizer`` or copied from ``source``'s folder."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not force:
+        raise BadInput(f"output {out_dir} already exists; pass --force to replace it")
+    src = Path(source).expanduser()
+    if src.exists() and src.resolve() == out:
+        raise BadInput("the output folder must differ from the source model's folder")
+    missing = [n for n in plan if not isinstance(model.get_submodule(n), QuantizedLinear)]
+    if missing:
+        raise BadInput(f"{len(missing)} planned layer(s) are not quantized, e.g. {missing[0]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write(model, tmp, plan, src, extra_meta or {}, tokenizer, max_shard_bytes)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(model: nn.Module, tmp: Path, plan: dict[str, LayerSpec], src: Path, extra_meta: dict[str, Any],
+           tokenizer: Any, max_shard_bytes: int) -> None:
+    shards = _shards(unique_state(model), max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        _dump(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config = json.loads(model.config.to_json_string(use_diff=True))
+    config["quantization_config"] = quantization_config(plan)
+    _dump(tmp / "config.json", config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    elif src.is_dir():
+        for fname in TOKENIZER_FILES:
+            if (src / fname).is_file():
+                shutil.copyfile(src / fname, tmp / fname)
+    if src.is_dir() and (src / "generation_config.json").is_file():
+        shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
+    elif getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(tmp))
+    files = {n: {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size} for n in names}
+    _dump(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "source": str(src), "files": files, **extra_meta})
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists() or out.is_symlink():
+        out.rename(old)
+    tmp.rename(out)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    elif old.exists() or old.is_symlink():
+        old.unlink()
+
+
+def _dump(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def verify_manifest(path: str | Path) -> list[Path]:
+    """Check every shard against ``lwq_manifest.json``; returns the shard paths."""
+    p = Path(path).expanduser()
+    mpath = p / MANIFEST
+    if not mpath.is_file():
+        raise BadInput(f"{p} has no {MANIFEST}: not a complete lwq checkpoint")
+    try:
+        files = json.loads(mpath.read_text())["files"]
+        items = [(str(n), int(d["size"]), str(d["sha256"])) for n, d in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadInput(f"{mpath} is unreadable or malformed ({type(exc).__name__}: {exc})") from None
+    if not items:
+        raise BadInput(f"{mpath} lists no weight files")
+    shards = []
+    for name, size, digest in items:
+        f = p / name
+        if Path(name).name != name:
+            raise BadInput(f"{mpath} names a file outside the checkpoint: {name!r}")
+        if not f.is_file():
+            raise BadInput(f"checkpoint file {name} is missing from {p}")
+        if f.stat().st_size != size:
+            raise BadInput(f"checkpoint file {name} has {f.stat().st_size} bytes, the manifest says {size} "
+                           "(truncated or replaced)")
+        if sha256_file(f) != digest:
+            raise BadInput(f"checkpoint file {name} does not match its sha256 in {MANIFEST} (modified or corrupt)")
+        shards.append(f)
+    return shards
+
+
+def read_plan(config: dict[str, Any]) -> dict[str, LayerSpec]:
+    """The per-layer specs of a checkpoint config's ``quantization_config`` (version checked)."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "lwq":
+        raise BadInput("config.json has no lwq quantization_config")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise BadInput(f"unsupported lwq checkpoint format_version {qc.get('format_version')!r} "
+                       f"(this lwq reads {FORMAT_VERSION})")
+    layers = qc.get("layers")
+    if not isinstance(layers, dict):
+        raise BadInput("quantization_config.layers must map module names to specs")
+    return {name: LayerSpec.from_dict(d, where=f"quantization_config.layers[{name!r}]") for name, d in layers.items()}
+
+
+def _skeleton(config_dict: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """The transformers model for ``config_dict`` with uninitialised weights (no random init cost)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    d = {k: v for k, v in config_dict.items() if k != "quantization_config"}
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise BadInput("checkpoint config.json has no model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **d)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInput(f"cannot build a {model_type!r} model from the checkpoint config: "
+                       f"{str(exc).splitlines()[0][:200]}") from None
+    model.tie_weights()  # no_init_weights skips init_weights, which is where transformers ties them
+    return model
+
+
+def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto") -> nn.Module:
+    """Load an lwq checkpoint as a transformers model with ``QuantizedLinear``s, in eval mode."""
+    p = Path(path).expanduser()
+    config = read_config(p)
+    plan = read_plan(config)
+    shards = verify_manifest(p)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev, config.get("dtype") or config.get("torch_dtype"))
+    model = _skeleton(config, torch_dtype)
+    for name, spec in plan.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise BadInput(f"checkpoint plans layer {name!r}, which this model has no module for") from None
+        out_f, in_f = linear_shape(module)
+        bias = getattr(module, "bias", None)
+        replace_linear(model, name, QuantizedLinear.empty(spec, out_f, in_f, bias is not None,
+                                                          bias.dtype if bias is not None else torch_dtype))
+    _load_tensors(model, shards)
+    model.tie_weights()
+    model.to(dev)
+    model.eval()
+    _attach_kernels(model)
+    return model
+
+
+def _load_tensors(model: nn.Module, shards: list[Path]) -> None:
+    expected = set(unique_state(model))
+    seen: set[str] = set()
+    for shard in shards:
+        try:
+            tensors = load_file(str(shard))
+        except (SafetensorError, OSError) as exc:
+            raise BadInput(f"cannot read {shard.name}: {exc}") from None
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            raise BadInput(f"{shard.name} holds {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[0]}")
+        try:
+            model.load_state_dict(tensors, strict=False)
+        except RuntimeError as exc:
+            raise BadInput(f"{shard.name} does not fit the model: {' '.join(str(exc).split())[:300]}") from None
+        seen.update(tensors)
+    missing = sorted(expected - seen)
+    if missing:
+        raise BadInput(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+
+
+def _attach_kernels(model: nn.Module) -> None:
+    """Let ``lwq.kernels`` (when present) pick fast kernels for the quantized layers."""
+    try:
+        import lwq.kernels as kernels
+    except ModuleNotFoundError as exc:
+        if exc.name != "lwq.kernels":
+            raise
+        return
+    attach = getattr(kernels, "attach_kernels", None)
+    if attach is not None:
+        attach(model)

@@ -1,0 +1,188 @@
+"""The block-sequential quantization driver.
+
+Block 0's inputs are captured once; then each decoder block is moved to the compute device, its
+linears are quantized group by group in the architecture's order (the members of a group share
+their input, so one Hessian ``H = X^T X`` and one activation absmax serve them all), later groups
+being calibrated on the outputs of the already-quantized earlier ones, and the quantized block
+produces the next block's inputs. Layers missing from the plan are left as they are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lwq.backends import QuantizedWeight, get_backend, needs_hessian, quantize_weight
+from lwq.errors import BadInput
+from lwq.formats.layouts import get_layout
+from lwq.formats.qlinear import quantized_from_linear, replace_linear
+from lwq.models.arch import arch_for, get_blocks, linear_weight
+from lwq.models.blocks import BlockInputs, block_outputs, capture_block_inputs, move_outside_blocks, run_block
+from lwq.spec import LayerSpec
+
+Plan = dict[str, LayerSpec]
+OnBlock = Callable[[int, dict[str, QuantizedWeight], "BlockInputs | None"], None]
+PreQuantize = Callable[[str, torch.Tensor, "torch.Tensor | None", LayerSpec], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+@dataclass
+class InputStats:
+    """Running statistics of a linear's inputs: ``H`` = mean of ``2 x x^T`` over tokens (GPTQ's
+    scaling, accumulated as a running mean in float32) and the per-input-channel absmax."""
+
+    in_features: int
+    device: torch.device
+    tokens: int = 0
+    H: torch.Tensor = field(init=False)
+    absmax: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.H = torch.zeros(self.in_features, self.in_features, device=self.device)
+        self.absmax = torch.zeros(self.in_features, device=self.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
+        self.H *= self.tokens / (self.tokens + n)
+        self.tokens += n
+        x = x * (2.0 / self.tokens) ** 0.5
+        self.H += x.t() @ x
+
+
+def needs_data(spec: LayerSpec) -> bool:
+    """Whether this layer needs calibration activations (a Hessian, or int8-activation smoothing)."""
+    return needs_hessian(spec) or (spec.act_bits == 8 and spec.bits < 16)
+
+
+def plan_needs_data(plan: Plan) -> bool:
+    return any(needs_data(s) for s in plan.values())
+
+
+class _Captured(Exception):
+    """Raised by the statistics hook: the rest of the block is not needed for this group."""
+
+
+@torch.no_grad()
+def collect_stats(block: nn.Module, module: nn.Module, inputs: BlockInputs, device: torch.device) -> InputStats:
+    """Run ``block`` on every batch, up to ``module``, accumulating the statistics of what it receives."""
+    in_f = int(linear_weight(module).shape[1])
+    stats = InputStats(in_f, device)
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        stats.add(args[0])
+        raise _Captured
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            try:
+                run_block(block, h.to(device), kw)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return stats
+
+
+def validate_plan(model: nn.Module, plan: Plan) -> None:
+    """Every planned name is a block linear of ``model`` and every backend exists."""
+    arch = arch_for(model)
+    known = {f"{arch.blocks}.{i}.{lin}" for i in range(len(get_blocks(model, arch))) for lin in arch.linears}
+    unknown = sorted(set(plan) - known)
+    if unknown:
+        raise BadInput(f"plan names {len(unknown)} layer(s) that are not block linears of this model, e.g. {unknown[0]!r}")
+    for spec in plan.values():
+        if spec.bits < 16:
+            get_backend(spec.backend)
+            get_layout(spec.format)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module, plan: Plan, batches: torch.Tensor | None, device: torch.device | str = "cpu",
+    on_block: OnBlock | None = None, *, start_block: int = 0, inputs: BlockInputs | None = None,
+    pre_quantize: PreQuantize | None = None, batch_size: int = 8,
+) -> dict[str, QuantizedWeight]:
+    """Quantize ``model``'s planned linears in place, block by block; returns the quantized weights.
+
+    ``batches``: calibration token ids (nsamples, seqlen), needed only when a planned layer needs
+    data (GPTQ, int8 activations). ``on_block(i, layers, next_inputs)`` runs after block ``i`` with
+    its quantized layers and the inputs of block ``i + 1`` (None without calibration); to resume,
+    pass ``start_block=i + 1`` and ``inputs=next_inputs``. ``pre_quantize(name, W, act_absmax, spec)``
+    may transform the weight of an int8-activation layer and add tensors (SmoothQuant-style); by
+    default the storage layout's own ``pre_quantize`` method is used when it has one.
+    """
+    device = torch.device(device)
+    validate_plan(model, plan)
+    arch = arch_for(model)
+    blocks = get_blocks(model, arch)
+    if not 0 <= start_block <= len(blocks):
+        raise BadInput(f"start block must be in 0..{len(blocks)}, got {start_block}")
+    with_data = plan_needs_data({n: s for n, s in plan.items() if _block_of(n, arch.blocks) >= start_block})
+    home = next(model.parameters()).device
+    if with_data and inputs is None:
+        if start_block != 0:
+            raise BadInput("resuming from a later block needs that block's saved inputs")
+        if batches is None or batches.numel() == 0:
+            raise BadInput("this plan needs calibration data (GPTQ or int8 activations): pass --data PATH")
+        inputs = capture_block_inputs(model, batches.split(batch_size), device, arch)
+    elif with_data:
+        move_outside_blocks(model, arch, device)
+    done: dict[str, QuantizedWeight] = {}
+    try:
+        for i in range(start_block, len(blocks)):
+            block = blocks[i].to(device)
+            layers = _quantize_block(block, f"{arch.blocks}.{i}", arch.groups, plan, inputs if with_data else None,
+                                     device, pre_quantize)
+            if with_data and inputs is not None:
+                inputs = inputs.with_hidden(block_outputs(block, inputs, device))
+            block.to(home)
+            done.update(layers)
+            if on_block is not None:
+                on_block(i, layers, inputs if with_data else None)
+    finally:
+        if with_data:
+            move_outside_blocks(model, arch, home)
+    return done
+
+
+def _block_of(name: str, prefix: str) -> int:
+    return int(name[len(prefix) + 1:].split(".", 1)[0])
+
+
+def _quantize_block(block: nn.Module, prefix: str, groups: tuple[tuple[str, ...], ...], plan: Plan,
+                    inputs: BlockInputs | None, device: torch.device,
+                    pre_quantize: PreQuantize | None) -> dict[str, QuantizedWeight]:
+    """Quantize the planned linears of one block (already on ``device``), group by group."""
+    out: dict[str, QuantizedWeight] = {}
+    for group in groups:
+        members = [lin for lin in group if f"{prefix}.{lin}" in plan]
+        if not members:
+            continue
+        stats = None
+        if inputs is not None and any(needs_data(plan[f"{prefix}.{lin}"]) for lin in members):
+            stats = collect_stats(block, block.get_submodule(members[0]), inputs, device)
+        for lin in members:
+            name, module = f"{prefix}.{lin}", block.get_submodule(lin)
+            spec = plan[name]
+            W = linear_weight(module).detach().float()
+            extra: dict[str, torch.Tensor] = {}
+            hook = pre_quantize or getattr(get_layout(spec.format), "pre_quantize", None)
+            if spec.act_bits == 8 and spec.bits < 16 and hook is not None:
+                W, extra = hook(name, W, None if stats is None else stats.absmax, spec)
+            qw = quantize_weight(W, spec, None if stats is None else stats.H)
+            qw.extra.update(extra)
+            replace_linear(block, lin, quantized_from_linear(module, qw))
+            out[name] = _to_cpu(qw)
+    return out
+
+
+def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
+    def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.cpu()
+
+    return QuantizedWeight(qw.spec, cpu(qw.q), cpu(qw.scale), cpu(qw.zero), cpu(qw.g_idx),
+                           {k: v.cpu() for k, v in qw.extra.items()}, dict(qw.meta))

@@ -1,0 +1,69 @@
+"""``lwq quantize`` end to end on a tiny model: JSON summary, real bits per weight, errors, eval of the output."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import save_tiny, word_text
+from lwq.cli import run
+from lwq.formats.bytes import layer_bytes
+from lwq.spec import make_spec
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny(root / "model", "llama")
+    (root / "calib.txt").write_text(word_text(3000))
+    return root
+
+
+def quantize(tiny, out, *extra):
+    return run(["quantize", str(tiny / "model"), "-o", str(out), "--device", "cpu", "--json", *extra])
+
+
+def test_gptq_json_summary_and_eval_of_the_checkpoint(tiny, tmp_path, capsys):
+    out = tmp_path / "q"
+    code = quantize(tiny, out, "--bits", "3", "--group-size", "32", "--backend", "gptq", "--act-order",
+                    "--data", str(tiny / "calib.txt"), "--nsamples", "8", "--seqlen", "32")
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads(capsys.readouterr().out)
+    spec = make_spec(3, 32, backend="gptq", act_order=True)
+    # tiny llama: hidden 64, intermediate 160, 4 heads, 2 kv heads (head dim 16)
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (160, 64), (160, 64), (64, 160)] * 2
+    expect = 8 * sum(layer_bytes(o, i, spec) for o, i in shapes) / sum(o * i for o, i in shapes)
+    assert doc["bits_per_weight"] == pytest.approx(expect)
+    assert doc["output"] == str(out.resolve()) and doc["backend"] == "gptq" and doc["bits"] == 3
+    assert doc["group_size"] == 32 and doc["num_layers"] == 14 and doc["seconds"] > 0
+    assert doc["calibration"]["nsamples"] == 8
+    assert run(["eval", str(out), "--data", str(tiny / "calib.txt"), "--seqlen", "32", "--device", "cpu",
+                "--json"]) == 0
+    ppl = json.loads(capsys.readouterr().out)["perplexity"]
+    assert 1 < ppl < 10_000
+
+
+def test_existing_output_needs_force(tiny, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert quantize(tiny, out, "--bits", "4", "--group-size", "64") == 0
+    capsys.readouterr()
+    assert quantize(tiny, out, "--bits", "4", "--group-size", "64") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert quantize(tiny, out, "--bits", "2", "--group-size", "64", "--force") == 0
+    assert json.loads(capsys.readouterr().out)["bits"] == 2
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["default"]["bits"] == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bits", "4", "--backend", "gptq"], "needs calibration"),
+    (["--bits", "3", "--backend", "bnb-nf4"], "--bits 4"),
+    (["--bits", "4", "--act-order"], "gptq backend only"),
+    (["--bits", "4", "--backend", "awq"], "unknown backend 'awq'"),
+    (["--bits", "5"], "bits must be one of"),
+    (["--bits", "4", "--group-size", "100"], "group size must be one of"),
+])
+def test_bad_options_are_one_line_errors(tiny, tmp_path, capsys, args, message):
+    assert quantize(tiny, tmp_path / "q", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "q").exists()
