@@ -46,13 +46,16 @@ class QuantizeResult:
 def quantize_to_checkpoint(
     model_name: str, out: str, plan: Any, data: str | None = None, nsamples: int = 128, seqlen: int = 2048,
     seed: int = 0, load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text",
-    on_block: Callable[[int, int], None] | None = None, pre_quantize: Any = None,
+    on_block: Callable[[int, int], None] | None = None, pre_quantize: Any = None, model: Any = None,
+    extra_files: dict[str, Any] | None = None, extra_summary: dict[str, Any] | None = None,
 ) -> QuantizeResult:
     """Load ``model_name``, quantize it under ``plan`` (a dict name -> LayerSpec, or a function of the
     loaded model returning one) block by block, and write the checkpoint to ``out``.
 
     Calibration windows from ``data`` are sampled only when the plan needs them (GPTQ, int8
-    activations). ``on_block(done, total)`` reports progress."""
+    activations). ``on_block(done, total)`` reports progress. ``model``: an already loaded copy of
+    ``model_name`` (on CPU) to quantize instead of loading it again; ``extra_files`` are written into
+    the checkpoint folder (e.g. ``plan.json``); ``extra_summary`` is merged into the summary."""
     import time
     from pathlib import Path
 
@@ -72,7 +75,8 @@ def quantize_to_checkpoint(
         raise BadInput(f"{model_name} is already an lwq checkpoint; quantize the original model")
     dev = resolve_device(load.device)
     dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
-    model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+    if model is None:
+        model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
     layer_plan = plan(model) if callable(plan) else dict(plan)
     if not layer_plan:
         raise BadInput("the plan quantizes no layer")
@@ -107,10 +111,10 @@ def quantize_to_checkpoint(
         "num_layers": len(layer_plan), "num_blocks": nblocks, "device": str(dev),
         "calibration": None if batches is None else {"data": data, "nsamples": int(batches.shape[0]),
                                                      "seqlen": int(batches.shape[1]), "seed": seed},
-        "seconds": seconds,
+        "seconds": seconds, **(extra_summary or {}),
     }
     path = save_checkpoint(model, out, layer_plan, model_name, {"summary": summary}, force=force,
-                           tokenizer=None if looks_local(model_name) else tok)
+                           tokenizer=None if looks_local(model_name) else tok, extra_files=extra_files)
     summary["checkpoint_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     return QuantizeResult(model, summary)
 
@@ -244,3 +248,99 @@ def score_layers(
             "data": data, "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "nsamples": None if samples is None else int(samples.shape[0]),
             "seqlen": None if samples is None else int(samples.shape[1]), "layers": layers}
+
+
+def plan_for_model(
+    model_name: str, recipe: Any, data: str | None, nsamples: int, seqlen: int, seed: int = 0,
+    load: LoadOptions = LoadOptions(), text_field: str = "text", calib: str | None = None,
+    on_step: Progress | None = None, model: Any = None, error_db: str | None = None,
+) -> tuple[Any, Any]:
+    """Load ``model_name`` (unless ``model`` is given) and plan it under ``recipe`` (``lwq.planning``).
+
+    Calibration windows come from ``data`` when the scorer or solver needs them; ``calib`` reuses the
+    statistics of an ``lwq calibrate`` folder instead of collecting them; ``error_db``: a JSON file of
+    measured errors reused when present and written after measuring. Returns ``(plan, model)``."""
+    from pathlib import Path
+
+    from lwq.allocate.candidates import load_error_db, save_error_db
+    import torch
+
+    from lwq.calib.store import load_calib
+    from lwq.errors import BadInput
+    from lwq.models.load import resolve_device, resolve_dtype
+    from lwq.planning import plan_model
+    from lwq.score import SCORERS
+
+    scorer = SCORERS.get(recipe.scorer)
+    dev = resolve_device(load.device)
+    if model is None:
+        dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
+        model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+    stats = load_calib(calib, model) if calib else None
+    wants_samples = recipe.solver == "search" or "samples" in scorer.needs or (
+        stats is None and scorer.needs & {"stats", "hessians"})
+    samples = None
+    if wants_samples:
+        if data is None:
+            raise BadInput(f"scorer {recipe.scorer} / solver {recipe.solver} need calibration text: pass --data PATH")
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
+        samples = _calib_batches(model_name, data, nsamples, seqlen, seed, load, text_field)
+    torch.manual_seed(seed)
+    db = load_error_db(error_db) if error_db and Path(error_db).is_file() else None
+    if db is not None and db.meta.get("model") not in (None, _source_name(model_name)):
+        raise BadInput(f"error database {error_db} was measured on {db.meta.get('model')}, not {model_name}")
+    model.to(dev)
+    try:
+        plan, db = plan_model(model, samples, recipe, seed, stats, on_step,
+                              meta={"model": _source_name(model_name), "data": data, "seed": seed,
+                                    "nsamples": nsamples, "seqlen": seqlen}, db=db)
+    finally:
+        model.to("cpu")
+    if error_db and db is not None:
+        from lwq.allocate.candidates import ErrorDB
+
+        save_error_db(ErrorDB(db.entries, {**db.meta, "model": _source_name(model_name), "data": data}), error_db)
+    return plan, model
+
+
+def quantize_with_budget(
+    model_name: str, out: str, recipe: Any, data: str | None, nsamples: int, seqlen: int, seed: int = 0,
+    load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text", calib: str | None = None,
+    on_step: Progress | None = None, on_block: Progress | None = None, plan: Any = None,
+) -> QuantizeResult:
+    """Plan (unless ``plan`` is given: a path of a plan JSON file, checked against the model and
+    repriced) then quantize and write the checkpoint, with ``plan.json`` inside it. The summary
+    reports the plan's budget and solver."""
+    from pathlib import Path
+
+    from lwq.allocate.plan import load_plan, plan_to_dict, reprice
+    from lwq.errors import BadInput
+    from lwq.models.arch import linear_names
+    from lwq.models.load import resolve_device, resolve_dtype
+    from lwq.planning import model_shapes
+
+    if Path(out).expanduser().exists() and not force:
+        raise BadInput(f"output {out} already exists; pass --force to replace it")
+    model = None
+    if isinstance(plan, str):
+        dtype = str(resolve_dtype(load.dtype, resolve_device(load.device))).replace("torch.", "")
+        model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+        plan = reprice(load_plan(plan, linear_names(model)), model_shapes(model))
+    if plan is None:
+        plan, model = plan_for_model(model_name, recipe, data, nsamples, seqlen, seed, load, text_field, calib,
+                                     on_step)
+    cap = None
+    if plan.budget is not None:
+        from lwq.allocate.budget import budget_bytes, parse_budget
+        from lwq.planning import rest_bytes
+
+        cap = budget_bytes(parse_budget(plan.budget), list(plan.layers.values()),
+                           rest_bytes(model, model_shapes(model)))
+    extra = {"budget": plan.budget, "solver": plan.solver, "scorer": plan.scorer,
+             "planned_bits_per_weight": plan.bits_per_weight, "budget_bytes": cap}
+    res = quantize_to_checkpoint(model_name, out, lambda _m: plan.specs, data, nsamples, seqlen, seed, load, force,
+                                 text_field, on_block, model=model, extra_files={"plan.json": plan_to_dict(plan)},
+                                 extra_summary=extra)
+    res.summary["budget_exceeded"] = cap is not None and res.summary["quantized_bytes"] > cap
+    return res

@@ -37,7 +37,7 @@ class Recipe:
     ``options``: extra keyword options for the solver (e.g. ``generations`` for ``search``)."""
 
     budget: str | None = None
-    scorer: str = "hessian"
+    scorer: str = "sensitivity"
     solver: str = "dp"
     bits: tuple[int, ...] = (2, 3, 4, 6, 8)
     backend: str = "gptq"

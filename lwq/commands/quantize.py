@@ -7,9 +7,10 @@ import typer
 from rich.table import Table
 
 from lwq.commands.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes
-from lwq.errors import BadInput
+from lwq.allocate.recipes import Recipe, load_recipe, merge, parse_bits
+from lwq.errors import BadInput, LwqError
 from lwq.models.arch import linear_names
-from lwq.pipeline import LoadOptions, quantize_to_checkpoint
+from lwq.pipeline import LoadOptions, quantize_to_checkpoint, quantize_with_budget
 from lwq.spec import LayerSpec, make_spec
 from lwq.ui import out_console, progress
 
@@ -40,37 +41,88 @@ def uniform_spec(bits: int, group_size: int | None, sym: bool, backend: str, act
 def quantize_command(
     model: str = typer.Argument(..., help="Model folder or hub id (safetensors weights)."),
     output: str = typer.Option(..., "--output", "-o", help="Folder to write the checkpoint to."),
-    bits: int = typer.Option(..., "--bits", help="Weight bits: 2, 3, 4, 6, 8 (16 keeps fp16)."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Uniform: weight bits 2, 3, 4, 6, 8 for every layer."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Mixed precision under a budget: 3.25bit, 4GB, 3.5GiB or 0.25x."),
+    plan_file: Optional[str] = typer.Option(None, "--plan", help="Apply a plan JSON (from `lwq plan`, maybe hand-edited)."),
+    config: Optional[str] = typer.Option(None, "--config", help="A YAML recipe (configs/*.yaml); flags override it."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="Budget solver: order, random, dp (default), ilp, search."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="Error estimate: hessian (default), lim, zd, sensitivity."),
+    candidate_bits: Optional[str] = typer.Option(None, "--candidate-bits", help="Bit widths the solver may choose from (default 2,3,4,6,8)."),
+    tie: Optional[str] = typer.Option(None, "--tie", help="ilp: none, fused (q/k/v and gate/up share bits) or block."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Reuse an `lwq calibrate` folder's statistics for planning."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns per scale: 32, 64, 128 (default), 256 or -1 (per channel)."),
     sym: bool = typer.Option(False, "--sym/--no-sym", help="Symmetric grid (default: asymmetric with zero points)."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act)."),
-    backend: str = typer.Option("rtn", "--backend", help="rtn, rtn-mse, gptq, bnb-nf4, bnb-fp4, bnb-int8."),
-    act_bits: int = typer.Option(16, "--act-bits", help="16 (weight-only) or 8 (int8 activations: W4A8/W6A8)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="rtn (default with --bits), rtn-mse, gptq (default with --budget), bnb-nf4, bnb-fp4, bnb-int8."),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (int8 activations: W4A8/W6A8)."),
     data: Optional[str] = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4): needed by gptq and --act-bits 8."),
-    nsamples: int = typer.Option(128, "--nsamples", help="Calibration windows."),
-    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per calibration window (capped at the model's context)."),
+    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 2048, capped at the model's context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling calibration windows."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder (only once the new one is complete)."),
     dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, trust_remote_code: bool = TRUST_OPT,
     json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
-    """Quantize every decoder-block linear of MODEL with one spec and write an lwq checkpoint."""
-    spec = uniform_spec(bits, group_size, sym, backend, act_bits, act_order)
+    """Quantize MODEL's decoder-block linears: uniformly (--bits), under a budget (--budget or a
+    --config recipe: calibrate, score, plan, quantize), or by a plan file (--plan); write a checkpoint."""
+    modes = [m for m, v in (("--bits", bits), ("--budget", budget), ("--plan", plan_file)) if v is not None]
+    if len(modes) > 1:
+        raise BadInput(f"give only one of --bits, --budget, --plan (got {' and '.join(modes)})")
     for name, val in (("--nsamples", nsamples), ("--seqlen", seqlen)):
-        if val < 1:
+        if val is not None and val < 1:
             raise BadInput(f"{name} must be positive, got {val}")
+    load = LoadOptions(dtype, device, trust_remote_code)
+    if bits is None:
+        recipe = budget_recipe(config, budget, solver, scorer, candidate_bits, backend, group_size, sym, act_bits,
+                               nsamples, seqlen, data, tie)
+        if recipe.budget is None and plan_file is None:
+            raise BadInput("nothing to do: pass --bits B, --budget (e.g. 3.25bit), --plan plan.json or a --config recipe")
+        with progress(quiet or json_out) as prog:
+            task = prog.add_task("plan and quantize", total=None)
+            step = lambda i, n: prog.update(task, completed=i, total=n)  # noqa: E731
+            res = quantize_with_budget(model, output, recipe, recipe.data, recipe.nsamples, recipe.seqlen, seed, load,
+                                       force, text_field, calib, step, step, plan=plan_file)
+        _finish(res.summary, recipe.budget, json_out)
+        return
+    if config is not None:
+        raise BadInput("--config recipes plan under a budget; drop --bits (or --config)")
+    spec = uniform_spec(bits, group_size, sym, backend or "rtn", act_bits or 16, act_order)
+    nsamples, seqlen = nsamples or 128, seqlen or 2048
     with progress(quiet or json_out) as prog:
         task = prog.add_task(f"quantize {spec.label}", total=None)
         res = quantize_to_checkpoint(
             model, output, lambda m: {n: spec for n in linear_names(m)}, data, nsamples, seqlen, seed,
-            LoadOptions(dtype, device, trust_remote_code), force, text_field,
-            on_block=lambda i, n: prog.update(task, completed=i, total=n),
+            load, force, text_field, on_block=lambda i, n: prog.update(task, completed=i, total=n),
         )
+    _finish(res.summary, None, json_out)
+
+
+def budget_recipe(config: str | None, budget: str | None, solver: str | None, scorer: str | None,
+                  candidate_bits: str | None, backend: str | None, group_size: int | None, sym: bool,
+                  act_bits: int | None, nsamples: int | None, seqlen: int | None, data: str | None,
+                  tie: str | None) -> Recipe:
+    """The recipe from ``--config`` (or the defaults) with the flags that were given on top."""
+    from lwq.score import SCORERS
+
+    base = load_recipe(config) if config else Recipe()
+    overrides = {"budget": budget, "solver": solver, "scorer": scorer,
+                 "bits": parse_bits(candidate_bits) if candidate_bits else None, "backend": backend,
+                 "group_size": group_size, "sym": sym or None, "act_bits": act_bits, "nsamples": nsamples,
+                 "seqlen": seqlen, "data": data, "tie": tie}
+    recipe = merge(base, overrides)
+    SCORERS.get(recipe.scorer)
+    return recipe
+
+
+def _finish(summary: dict[str, Any], budget: str | None, json_out: bool) -> None:
+    """Print the summary; a budgeted result above its budget is a failure (never expected)."""
     if json_out:
-        emit_json(res.summary)
+        emit_json(summary)
     else:
-        _render(res.summary)
+        _render(summary)
+    if budget is not None and summary.get("budget_exceeded"):
+        raise LwqError(f"the checkpoint exceeds the budget {budget}: {summary['bits_per_weight']:.4f} bits per weight")
 
 
 def _render(s: dict[str, Any]) -> None:
@@ -81,6 +133,8 @@ def _render(s: dict[str, Any]) -> None:
         ("backend", str(s["backend"])), ("bits", str(s["bits"])), ("group size", str(s["group_size"])),
         ("symmetric", str(s["sym"])), ("format", str(s["format"])), ("layers", str(s["num_layers"])),
         ("bits per weight (real)", f"{s['bits_per_weight']:.3f}"),
+        *([("budget", str(s["budget"])), ("solver", str(s["solver"])), ("scorer", str(s["scorer"]))]
+          if s.get("budget") else []),
         ("quantized weights", fmt_bytes(s["quantized_bytes"])), ("checkpoint", fmt_bytes(s["checkpoint_bytes"])),
         ("seconds", f"{s['seconds']:.1f}"),
     ]

@@ -77,11 +77,12 @@ def sha256_file(path: Path) -> str:
 
 def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, LayerSpec], source: str,
                     extra_meta: dict[str, Any] | None = None, force: bool = False, tokenizer: Any = None,
-                    max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                    max_shard_bytes: int = MAX_SHARD_BYTES, extra_files: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (its planned linears already ``QuantizedLinear``s) as an lwq checkpoint.
 
     An existing ``out_dir`` is refused unless ``force``; it is replaced only once the new one is
-    complete. The tokenizer is saved from ``tokenizer`` or copied from ``source``'s folder."""
+    complete. The tokenizer is saved from ``tokenizer`` or copied from ``source``'s folder.
+    ``extra_files`` (file name -> JSON-able object, e.g. the plan) are written inside it too."""
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not force:
         raise BadInput(f"output {out_dir} already exists; pass --force to replace it")
@@ -98,6 +99,8 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, Layer
     tmp.mkdir()
     try:
         _write(model, tmp, plan, src, extra_meta or {}, tokenizer, max_shard_bytes)
+        for fname, obj in (extra_files or {}).items():
+            _dump(tmp / fname, obj)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

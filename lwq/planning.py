@@ -1,0 +1,192 @@
+"""Planning: estimate the error of every candidate spec of every layer, then solve under a budget.
+
+``plan_model`` works on a loaded model and calibration samples: it prices every candidate with its
+exact bytes (``lwq.formats.bytes``), fills the error table from the recipe's scorer and runs the solver.
+Error estimates: ``sensitivity`` (the default) *measures* each candidate: the next-token KL divergence
+to the full model on the calibration samples when only that layer is quantized (RTN) at that spec,
+a database in EvoPress's manner that can be saved and reused across budgets (measured on the first
+``MEASURE_SAMPLES`` calibration windows); ``hessian`` estimates
+``trace(dW H dW^T)`` per candidate from calibration Hessians; ``lim``/``zd`` give block importance
+times ``4**-bits`` (what the paper's ``order`` solver needs). The ``search`` solver also gets a KL evaluator:
+the real next-token KL divergence to the full model on calibration samples, with each layer
+round-to-nearest quantized per the plan (a cheap stand-in for the backend that will be used).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lwq.allocate import allocate
+from lwq.allocate.candidates import hessian_errors, make_candidates, with_importance
+from lwq.allocate.groups import block_units, tie_groups
+from lwq.allocate.plan import Plan, plan_from_allocation
+from lwq.allocate.recipes import Recipe
+from lwq.backends.quant import rtn_fake_quant
+from lwq.errors import BadInput
+from lwq.models.arch import LINEAR_TYPES, arch_for, linear_names, linear_shape, linear_weight
+from lwq.spec import LayerSpec
+
+Progress = Callable[[int, int], None]
+MEASURE_SAMPLES = 16  # calibration windows used to measure candidate errors (KL is stable well before 128)
+
+
+def model_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every block linear, in model order."""
+    return {n: linear_shape(model.get_submodule(n)) for n in linear_names(model)}
+
+
+def rest_bytes(model: nn.Module, shapes: Mapping[str, tuple[int, int]]) -> int:
+    """Bytes of what stays 16-bit (embeddings, lm_head, norms, biases): all parameters but the counted linears."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return 2 * (total - sum(o * i for o, i in shapes.values()))
+
+
+def _block_of(linear: str, blocks: str) -> str:
+    return f"{blocks}.{linear[len(blocks) + 1:].split('.', 1)[0]}"
+
+
+def measured_errors(model: nn.Module, samples: torch.Tensor, layers: list[Any], db: Any = None,
+                    on_step: Progress | None = None) -> tuple[list[Any], Any]:
+    """Fill every candidate's error with its measured KL (see module docstring); entries already in
+    ``db`` (an ``ErrorDB`` for this model and data) are reused. Returns the layers and the database."""
+    from lwq.allocate.candidates import ErrorDB, db_errors, spec_key
+    from lwq.score.sensitivity import sensitivity_scores
+
+    samples = samples[:MEASURE_SAMPLES]
+    entries = {n: dict(e) for n, e in (db.entries if db is not None else {}).items()}
+    specs = list(dict.fromkeys(c.spec for lc in layers for c in lc.candidates))
+    todo = [sp for sp in specs if sp.bits < 16 and any(spec_key(sp) not in entries.get(lc.name, {}) for lc in layers)]
+    for k, sp in enumerate(todo):
+        kl = sensitivity_scores(model, samples, "linear", bits=sp.bits, group_size=sp.group_size, sym=sp.sym)
+        for name, v in kl.items():
+            entries.setdefault(name, {})[spec_key(sp)] = max(float(v), 0.0)
+        if on_step is not None:
+            on_step(k + 1, len(todo))
+    for sp in specs:
+        if sp.bits >= 16:
+            for lc in layers:
+                entries.setdefault(lc.name, {})[spec_key(sp)] = 0.0
+    meta = dict(db.meta) if db is not None else {}
+    meta.update({"metric": "kl", "nsamples": int(samples.shape[0]), "seqlen": int(samples.shape[1])})
+    out = ErrorDB(entries, meta)
+    return db_errors(layers, out), out
+
+
+def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, stats: Any = None,
+                on_step: Progress | None = None, db: Any = None) -> tuple[list[Any], Any]:
+    """Candidates per layer with their exact costs and the recipe scorer's error estimates; also the
+    measured-error database when the scorer is ``sensitivity`` (else None)."""
+    from lwq.calib.stats import collect_stats
+    from lwq.score import SCORERS, ScoreConfig, ScoreInputs
+
+    shapes = model_shapes(model)
+    layers = make_candidates(shapes, recipe.bits, recipe.backend, recipe.group_size, recipe.sym, recipe.act_bits)
+    scorer = SCORERS.get(recipe.scorer)
+    if recipe.scorer == "sensitivity":
+        if samples is None:
+            raise BadInput("the sensitivity estimate measures real loss: pass --data PATH")
+        return measured_errors(model, samples, layers, db, on_step)
+    device = next(model.parameters()).device
+    if stats is None and scorer.needs & {"stats", "hessians"}:
+        if samples is None:
+            raise BadInput(f"scorer {recipe.scorer} needs calibration text: pass --data PATH")
+        stats = collect_stats(model, samples, device, on_block=on_step, hessians=recipe.scorer == "hessian")
+    if recipe.scorer == "hessian":
+        weights = {n: linear_weight(model.get_submodule(n)).detach().float() for n in shapes}
+        hessians = {n: stats.linears[n].hessian for n in shapes}
+        if any(h is None for h in hessians.values()):
+            raise BadInput("the calibration statistics hold no Hessians; recalibrate")
+        return hessian_errors(layers, weights, hessians), None
+    if "samples" in scorer.needs and samples is None:
+        raise BadInput(f"scorer {recipe.scorer} needs calibration text: pass --data PATH")
+    scores = scorer.fn(ScoreInputs(model, stats, samples, str(device), on_step), ScoreConfig(granularity="block"))
+    arch = arch_for(model)
+    return with_importance(layers, {n: scores[_block_of(n, arch.blocks)] for n in shapes}), None
+
+
+class KlEvaluator:
+    """``evaluate(plan, fidelity) -> loss`` for the ``search`` solver: mean next-token KL divergence
+    (nats per token) of the model with every planned layer RTN-quantized per its spec, against the full
+    model, on the first ``ceil(fidelity / seqlen)`` calibration samples. Quantized weights are cached
+    per (layer, spec); the model's weights are restored after every call."""
+
+    def __init__(self, model: nn.Module, samples: torch.Tensor, batch_size: int = 8) -> None:
+        self.model, self.samples, self.batch_size = model, samples, batch_size
+        self.device = next(model.parameters()).device
+        self.modules = {n: model.get_submodule(n) for n in linear_names(model)}
+        self.originals = {n: m.weight.detach().clone() for n, m in self.modules.items()}
+        self.cache: dict[tuple[str, LayerSpec], torch.Tensor] = {}
+        self.ref = self._logprobs(len(samples))
+
+    @torch.no_grad()
+    def _logprobs(self, n: int) -> torch.Tensor:
+        out = [F.log_softmax(self.model(input_ids=self.samples[i:min(i + self.batch_size, n)].to(self.device),
+                                        use_cache=False).logits.float(), dim=-1).cpu()
+               for i in range(0, n, self.batch_size)]
+        return torch.cat(out)
+
+    def _quantized(self, name: str, spec: LayerSpec) -> torch.Tensor:
+        key = (name, spec)
+        if key not in self.cache:
+            mod = self.modules[name]
+            W = linear_weight(mod).detach().float()
+            Wq = rtn_fake_quant(W, spec.bits, spec.group_size, spec.sym)
+            self.cache[key] = (Wq.t() if mod.weight.shape != W.shape else Wq).to(mod.weight.dtype)
+        return self.cache[key]
+
+    @torch.no_grad()
+    def __call__(self, plan: Mapping[str, LayerSpec], fidelity: int) -> float:
+        n = max(1, min(len(self.samples), math.ceil(fidelity / self.samples.shape[1])))
+        try:
+            for name, spec in plan.items():
+                self.modules[name].weight.data = self._quantized(name, spec)
+            logq = self._logprobs(n)
+        finally:
+            for name, mod in self.modules.items():
+                mod.weight.data = self.originals[name]
+        ref = self.ref[:n]
+        return float((ref.exp() * (ref - logq)).sum(-1).mean())
+
+
+def solver_options(model: nn.Module, recipe: Recipe, samples: torch.Tensor | None, seed: int) -> dict[str, Any]:
+    """Keyword options for the recipe's solver: blocks as units for ``order``/``random`` (the paper
+    ranks blocks), tie groups for ``ilp``, the KL evaluator for ``search``, plus the recipe's options."""
+    arch = arch_for(model)
+    names = linear_names(model, arch)
+    opts: dict[str, Any] = dict(recipe.options)
+    if recipe.solver in ("order", "random"):
+        opts.setdefault("units", block_units(names, arch.blocks))
+    if recipe.solver == "random":
+        opts.setdefault("seed", seed)
+    if recipe.tie != "none":
+        opts["tie_groups"] = tie_groups(names, arch.blocks, arch.groups, recipe.tie)
+    if recipe.solver == "search":
+        if samples is None:
+            raise BadInput("the search solver measures real loss: pass --data PATH")
+        opts["evaluate"] = KlEvaluator(model, samples)
+        opts.setdefault("seed", seed)
+        opts.setdefault("fidelity", int(samples.numel()))
+    return opts
+
+
+def plan_model(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, seed: int = 0, stats: Any = None,
+               on_step: Progress | None = None, meta: Mapping[str, Any] | None = None,
+               db: Any = None) -> tuple[Plan, Any]:
+    """The plan for ``model`` under ``recipe.budget`` (see module docstring), and the measured-error
+    database when one was used (pass it back as ``db`` to plan other budgets without measuring again)."""
+    if recipe.budget is None:
+        raise BadInput("no budget given: pass --budget (e.g. 3.25bit, 4GB, 0.25x) or a recipe with one")
+    if not any(isinstance(m, LINEAR_TYPES) for m in model.modules()):
+        raise BadInput("the model has no linear layers to plan")
+    layers, db = error_table(model, samples, recipe, stats, on_step, db)
+    shapes = model_shapes(model)
+    alloc = allocate(layers, recipe.budget, rest_bytes(model, shapes), recipe.solver,
+                     **solver_options(model, recipe, samples, seed))
+    info = {k: v for k, v in alloc.info.items() if k != "history"}
+    plan = plan_from_allocation(layers, alloc, recipe.budget, recipe.scorer,
+                                meta={"recipe": recipe.to_dict(), "solver_info": info, **dict(meta or {})})
+    return plan, db
