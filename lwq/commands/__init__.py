@@ -5,7 +5,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES = ("eval_cmd", "info", "demo", "quantize", "calibrate", "score", "export", "doctor", "report")
+COMMAND_MODULES = ("info", "calibrate", "score", "plan", "quantize", "eval_cmd", "export", "report", "doctor", "demo")
 
 
 def register_all(app: typer.Typer) -> None:

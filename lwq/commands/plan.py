@@ -1,0 +1,91 @@
+"""``lwq plan``: choose bits per layer under a budget and write the plan as editable JSON."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from lwq.allocate.plan import Plan, plan_to_dict, save_plan
+from lwq.commands.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes
+from lwq.commands.quantize import budget_recipe
+from lwq.errors import BadInput
+from lwq.pipeline import LoadOptions, plan_for_model
+from lwq.ui import err_console, out_console, progress
+
+
+def plan_command(
+    model: str = typer.Argument(..., help="Model folder or hub id."),
+    output: str = typer.Option(..., "--output", "-o", help="Plan JSON to write."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="3.25bit (real bits per weight), 4GB / 3.5GiB (checkpoint bytes) or 0.25x (of fp16)."),
+    config: Optional[str] = typer.Option(None, "--config", help="A YAML recipe (configs/*.yaml); flags override it."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="order (the paper), random, dp (default), ilp, search."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="Error estimate: sensitivity (measured, default), hessian, lim, zd."),
+    candidate_bits: Optional[str] = typer.Option(None, "--candidate-bits", help="Widths to choose from (default 2,3,4,6,8)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Backend the plan's specs name (default gptq)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Group size of the candidates (default 128)."),
+    sym: bool = typer.Option(False, "--sym", help="Symmetric candidates."),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (W4A8/W6A8 candidates)."),
+    tie: Optional[str] = typer.Option(None, "--tie", help="ilp: none, fused (q/k/v, gate/up share bits, as vLLM needs) or block."),
+    data: Optional[str] = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4)."),
+    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default 2048, capped at the model's context)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling and for the random/search solvers."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Reuse an `lwq calibrate` folder's statistics."),
+    error_db: Optional[str] = typer.Option(None, "--error-db", help="JSON of measured candidate errors: reused if present, written after measuring."),
+    text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of bits per layer."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing plan file."),
+    dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, trust_remote_code: bool = TRUST_OPT,
+    json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
+) -> None:
+    """Plan bits per layer of MODEL under a budget; the plan is JSON you can edit and pass to `lwq quantize --plan`."""
+    if Path(output).exists() and not force:
+        raise BadInput(f"output {output} already exists; pass --force to replace it")
+    for name, val in (("--nsamples", nsamples), ("--seqlen", seqlen)):
+        if val is not None and val < 1:
+            raise BadInput(f"{name} must be positive, got {val}")
+    recipe = budget_recipe(config, budget, solver, scorer, candidate_bits, backend, group_size, sym, act_bits,
+                           nsamples, seqlen, data, tie)
+    if recipe.budget is None:
+        raise BadInput("no budget: pass --budget (e.g. 3.25bit, 4GB, 0.25x) or a --config recipe with one")
+    with progress(quiet or json_out) as prog:
+        task = prog.add_task(f"planning ({recipe.solver}, {recipe.scorer})", total=None)
+        plan, _ = plan_for_model(model, recipe, recipe.data, recipe.nsamples, recipe.seqlen, seed,
+                                 LoadOptions(dtype, device, trust_remote_code), text_field, calib,
+                                 lambda i, n: prog.update(task, completed=i, total=n), error_db=error_db)
+    save_plan(plan, output)
+    if plot:
+        from lwq.allocate.plot import plot_bits
+
+        plot_bits(plan, plot, title=f"{model}: {plan.budget} ({plan.solver}, {plan.scorer})")
+    doc = {**plan_to_dict(plan), "output": str(Path(output).resolve()), "plot": plot}
+    if json_out:
+        emit_json(doc)
+    else:
+        render_plan(plan)
+        err_console(quiet).print(f"plan written to {output}" + (f", plot to {plot}" if plot else ""))
+
+
+def render_plan(plan: Plan) -> None:
+    """A rich table of the plan and its totals."""
+    table = Table(title=f"plan: {plan.budget} with {plan.solver} ({plan.scorer}); {plan.counted}; {plan.kept_16bit}")
+    for col in ("layer", "bits", "group", "format", "bytes", "bpw", "estimate"):
+        table.add_column(col, justify="left" if col in ("layer", "format") else "right")
+    for name, e in plan.layers.items():
+        bpw = 8 * e.cost_bytes / e.numel if e.cost_bytes and e.numel else None
+        table.add_row(name, str(e.spec.bits), str(e.spec.group_size), e.spec.format,
+                      fmt_bytes(e.cost_bytes) if e.cost_bytes is not None else "?",
+                      f"{bpw:.3f}" if bpw else "?", f"{e.estimate:.3g}" if e.estimate is not None else "")
+    con = out_console()
+    con.print(table)
+    mix: Any = Counter(e.spec.bits for e in plan.layers.values())
+    total = plan.total_bytes
+    con.print(f"layers by bits: {', '.join(f'{b}-bit x{n}' for b, n in sorted(mix.items()))}; "
+              f"real bits per weight {plan.bits_per_weight:.4f}; quantized layers {fmt_bytes(total or 0)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan_command)
