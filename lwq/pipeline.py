@@ -308,6 +308,7 @@ def quantize_with_budget(
     model_name: str, out: str, recipe: Any, data: str | None, nsamples: int, seqlen: int, seed: int = 0,
     load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text", calib: str | None = None,
     on_step: Progress | None = None, on_block: Progress | None = None, plan: Any = None,
+    error_db: str | None = None,
 ) -> QuantizeResult:
     """Plan (unless ``plan`` is given: a path of a plan JSON file, checked against the model and
     repriced) then quantize and write the checkpoint, with ``plan.json`` inside it. The summary
@@ -329,7 +330,7 @@ def quantize_with_budget(
         plan = reprice(load_plan(plan, linear_names(model)), model_shapes(model))
     if plan is None:
         plan, model = plan_for_model(model_name, recipe, data, nsamples, seqlen, seed, load, text_field, calib,
-                                     on_step)
+                                     on_step, error_db=error_db)
     cap = None
     if plan.budget is not None:
         from lwq.allocate.budget import budget_bytes, parse_budget

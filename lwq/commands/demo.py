@@ -11,7 +11,7 @@ from lwq.ui import err_console, out_console, progress
 def demo_command(
     rebuild: bool = typer.Option(False, "--rebuild", help="Retrain the cached demo model."),
     out: str = typer.Option("lwq-demo", "-o", "--output", help="Folder for the demo's checkpoints and report."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing demo output folder."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing folder not written by the demo."),
     json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Build (once, ~2 min) a small Llama trained on the stdlib's docstrings, then run the pipeline."""
@@ -24,7 +24,7 @@ def demo_command(
         folder = demo_model(rebuild, lambda s, n, loss: prog.update(task, completed=s, total=n,
                                                                    description=f"training the demo model, loss {loss:.2f}"))
     log.print(f"demo model: {folder / 'model'}")
-    result = run_demo(folder, out, force=force, quiet=quiet or json_out)
+    result = run_demo(folder, out, force=force, log=lambda m: log.print(f"[bold]demo:[/] {m}"))
     if json_out:
         emit_json(result)
     else:
@@ -34,6 +34,7 @@ def demo_command(
         for r in result["rows"]:
             table.add_row(r["variant"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.3f}")
         out_console().print(table)
+        log.print(f"checkpoints and report in {result['output']} (report: {result['report']})")
 
 
 def register(app: typer.Typer) -> None:
