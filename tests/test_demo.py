@@ -1,0 +1,45 @@
+"""The demo: the model builder (a small schedule) and the whole demo pipeline on it."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from lwq.demo import MARKER, _prepare, run_demo
+from lwq.errors import BadInput
+from lwq.models.demo import DemoConfig, build_demo_model, stdlib_docstrings
+
+
+def test_stdlib_docstrings_split_is_deterministic_and_disjoint() -> None:
+    train, held = stdlib_docstrings()
+    assert len(train) > 100_000 and len(held) > 10_000
+    assert stdlib_docstrings() == (train, held)
+    assert held[:2000] not in train
+
+
+@pytest.mark.slow
+def test_demo_pipeline_on_a_small_build(tmp_path: Path) -> None:
+    cfg = replace(DemoConfig(), vocab=300, layers=2, steps=25, batch=4)
+    losses: list[float] = []
+    folder = build_demo_model(tmp_path / "demo", cfg, lambda s, n, loss: losses.append(loss))
+    assert (folder / "model" / "model.safetensors").is_file()
+    assert len(losses) == cfg.steps and losses[-1] < losses[0]  # it trains
+    out = tmp_path / "out"
+    result = run_demo(folder, str(out))
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["fp32 (original)"]["perplexity"] < rows["uniform GPTQ 2-bit g128"]["perplexity"]
+    mixed = rows["lwq mixed 3.25bit (dp)"]
+    assert mixed["bits_per_weight"] <= 3.25
+    assert rows["lwq mixed 2.5bit (dp)"]["bits_per_weight"] <= 2.5
+    assert (out / "report" / "report.md").is_file() and (out / "report" / "pareto.png").is_file()
+    assert json.loads((out / "mixed-3.25bit" / "lwq_eval.json").read_text())["perplexity"] == pytest.approx(mixed["perplexity"])
+    _prepare(out, force=False)  # its own output folder is replaced
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(BadInput, match="not written by `lwq demo`"):
+        run_demo(folder, str(other))
+    assert (other / "keep.txt").read_text() == "x" and not (other / MARKER).exists()
