@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -21,6 +19,7 @@ import torch
 
 from lwq.allocate.types import Candidate, LayerCandidates
 from lwq.errors import BadInput
+from lwq.fileio import read_text, write_json_atomic
 from lwq.formats.bytes import layer_bytes
 from lwq.spec import LayerSpec, make_spec
 
@@ -139,26 +138,14 @@ def db_errors(layers: Sequence[LayerCandidates], db: ErrorDB) -> list[LayerCandi
 
 def save_error_db(db: ErrorDB, path: str | Path) -> None:
     """Write the database as JSON (atomically: temp file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(db.to_dict(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, db.to_dict(), indent=1)
 
 
 def load_error_db(path: str | Path) -> ErrorDB:
     """Read a database written by ``save_error_db``; malformed files are one-line ``BadInput``s."""
     path = Path(path)
     try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BadInput(f"{path}: no such error database") from None
+        d = json.loads(read_text(path, "error database"))
     except json.JSONDecodeError as e:
         raise BadInput(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     if not isinstance(d, dict) or d.get("version") != DB_VERSION or not isinstance(d.get("entries"), dict):

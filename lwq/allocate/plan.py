@@ -20,15 +20,14 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lwq.allocate.types import Allocation, LayerCandidates
 from lwq.errors import BadInput
+from lwq.fileio import read_text, write_json_atomic
 from lwq.spec import SPEC_FIELDS, LayerSpec, default_format
 
 PLAN_VERSION = 1
@@ -124,19 +123,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 def save_plan(plan: Plan, path: str | Path) -> None:
     """Write the plan as JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(plan_to_dict(plan), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, plan_to_dict(plan))
 
 
 def _spec(raw: Any, base: Mapping[str, Any], where: str) -> LayerSpec:
@@ -246,12 +233,7 @@ def load_plan(path: str | Path, valid_names: Sequence[str] | None = None) -> Pla
     With ``valid_names`` (the model's quantizable linears, in model order) regex keys and a default
     are resolved into explicit entries and the result follows model order."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise BadInput(f"{path}: no such plan file") from None
-    except IsADirectoryError:
-        raise BadInput(f"{path}: is a folder, not a plan file") from None
+    text = read_text(path, "plan file")
     try:
         d = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:

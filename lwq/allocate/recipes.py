@@ -24,6 +24,7 @@ from lwq.allocate import SOLVERS, solver_options
 from lwq.allocate.budget import parse_budget
 from lwq.allocate.groups import TIE_MODES
 from lwq.errors import BadInput
+from lwq.fileio import read_text
 from lwq.spec import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 RECIPE_VERSION = 1
@@ -137,12 +138,7 @@ def recipe_from_dict(d: Any, where: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read a YAML recipe; YAML errors carry line and column, bad values name their key."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise BadInput(f"{path}: no such recipe file") from None
-    except IsADirectoryError:
-        raise BadInput(f"{path}: is a folder, not a recipe file") from None
+    text = read_text(path, "recipe file")
     try:
         d = yaml.safe_load(text)
     except yaml.YAMLError as e:
