@@ -49,17 +49,19 @@ def _block_of(linear: str, blocks: str) -> str:
     return f"{blocks}.{linear[len(blocks) + 1:].split('.', 1)[0]}"
 
 
-def measured_errors(model: nn.Module, samples: torch.Tensor, layers: list[Any], db: Any = None,
+def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list[Any], db: Any = None,
                     on_step: Progress | None = None) -> tuple[list[Any], Any]:
     """Fill every candidate's error with its measured KL (see module docstring); entries already in
     ``db`` (an ``ErrorDB`` for this model and data) are reused. Returns the layers and the database."""
     from lwq.allocate.candidates import ErrorDB, db_errors, spec_key
     from lwq.score.sensitivity import sensitivity_scores
 
-    samples = samples[:MEASURE_SAMPLES]
     entries = {n: dict(e) for n, e in (db.entries if db is not None else {}).items()}
     specs = list(dict.fromkeys(c.spec for lc in layers for c in lc.candidates))
     todo = [sp for sp in specs if sp.bits < 16 and any(spec_key(sp) not in entries.get(lc.name, {}) for lc in layers)]
+    if todo and samples is None:
+        raise BadInput("the sensitivity estimate measures real loss: pass --data PATH")
+    samples = samples[:MEASURE_SAMPLES] if samples is not None else None
     for k, sp in enumerate(todo):
         kl = sensitivity_scores(model, samples, "linear", bits=sp.bits, group_size=sp.group_size, sym=sp.sym)
         for name, v in kl.items():
@@ -71,7 +73,8 @@ def measured_errors(model: nn.Module, samples: torch.Tensor, layers: list[Any], 
             for lc in layers:
                 entries.setdefault(lc.name, {})[spec_key(sp)] = 0.0
     meta = dict(db.meta) if db is not None else {}
-    meta.update({"metric": "kl", "nsamples": int(samples.shape[0]), "seqlen": int(samples.shape[1])})
+    if samples is not None:
+        meta.update({"metric": "kl", "nsamples": int(samples.shape[0]), "seqlen": int(samples.shape[1])})
     out = ErrorDB(entries, meta)
     return db_errors(layers, out), out
 
@@ -87,8 +90,6 @@ def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, 
     layers = make_candidates(shapes, recipe.bits, recipe.backend, recipe.group_size, recipe.sym, recipe.act_bits)
     scorer = SCORERS.get(recipe.scorer)
     if recipe.scorer == "sensitivity":
-        if samples is None:
-            raise BadInput("the sensitivity estimate measures real loss: pass --data PATH")
         return measured_errors(model, samples, layers, db, on_step)
     device = next(model.parameters()).device
     if stats is None and scorer.needs & {"stats", "hessians"}:
