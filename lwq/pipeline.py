@@ -48,6 +48,7 @@ def quantize_to_checkpoint(
     seed: int = 0, load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text",
     on_block: Callable[[int, int], None] | None = None, pre_quantize: Any = None, model: Any = None,
     extra_files: dict[str, Any] | None = None, extra_summary: dict[str, Any] | None = None,
+    resume: bool = False, lazy: bool = False, work: Any = None,
 ) -> QuantizeResult:
     """Load ``model_name``, quantize it under ``plan`` (a dict name -> LayerSpec, or a function of the
     loaded model returning one) block by block, and write the checkpoint to ``out``.
@@ -55,26 +56,43 @@ def quantize_to_checkpoint(
     Calibration windows from ``data`` are sampled only when the plan needs them (GPTQ, int8
     activations). ``on_block(done, total)`` reports progress. ``model``: an already loaded copy of
     ``model_name`` (on CPU) to quantize instead of loading it again; ``extra_files`` are written into
-    the checkpoint folder (e.g. ``plan.json``); ``extra_summary`` is merged into the summary."""
+    the checkpoint folder (e.g. ``plan.json``); ``extra_summary`` is merged into the summary.
+
+    Progress is recorded per block in ``OUT.partial`` (``lwq.resume``): ``resume`` continues an
+    interrupted run there (the result is byte-identical to an uninterrupted run), ``force`` discards
+    it; it is removed on success. ``lazy``: read the model one block at a time from its safetensors
+    files (``lwq.models.lazy``; falls back to a full load when the model cannot be read that way) so
+    memory stays about one block whatever the depth; the returned model's blocks are then left on
+    ``meta``. ``work``: a ``WorkFolder`` already claimed by the caller."""
     import time
     from pathlib import Path
 
     import torch
 
     from lwq.calib.data import calibration_samples
-    from lwq.errors import BadInput
-    from lwq.formats.checkpoint import save_checkpoint
+    from lwq.errors import EXIT_INTERRUPTED, BadInput, LwqError
+    from lwq.formats.checkpoint import check_output, save_checkpoint
     from lwq.formats.qlinear import QuantizedLinear
-    from lwq.models.arch import get_blocks
+    from lwq.models.arch import arch_for, get_blocks
+    from lwq.models.lazy import LazyUnsupported, load_lazy
     from lwq.models.load import is_lwq_checkpoint, looks_local, resolve_device, resolve_dtype
     from lwq.quantize import plan_needs_data, quantize_model
+    from lwq.resume import (WorkFolder, deterministic, fingerprint, model_identity, plan_digest, resume_inputs,
+                            stream_state, tensor_digest)
 
-    if Path(out).expanduser().exists() and not force:
-        raise BadInput(f"output {out} already exists; pass --force to replace it")
+    check_output(out, force)
     if looks_local(model_name) and is_lwq_checkpoint(model_name):
         raise BadInput(f"{model_name} is already an lwq checkpoint; quantize the original model")
+    work = work or WorkFolder.claim(out, resume, force)
     dev = resolve_device(load.device)
     dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
+    loader, how = None, "eager"
+    if model is None and lazy and not load.trust_remote_code:
+        try:
+            model, loader = load_lazy(model_name, dtype, str(dev))
+            how = "lazy"
+        except LazyUnsupported as exc:
+            how = f"eager ({exc})"
     if model is None:
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
     layer_plan = plan(model) if callable(plan) else dict(plan)
@@ -88,11 +106,31 @@ def quantize_to_checkpoint(
         if data is None:
             raise BadInput("this plan (GPTQ or int8 activations) needs calibration text: pass --data PATH")
         batches = calibration_samples(tok, data, nsamples, seqlen, seed, text_field)
-    torch.manual_seed(seed)
     nblocks = len(get_blocks(model))
+    start = work.start(fingerprint(model=model_identity(model_name), plan=plan_digest(layer_plan), data=data,
+                                   text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype,
+                                   device=dev.type, calibration=tensor_digest(batches), blocks=nblocks))
+    torch.manual_seed(seed)
+    inputs = resume_inputs(model, work, layer_plan, batches, dev, loader is None) if start else None
+    prefix = arch_for(model).blocks
+
+    def save_block(i: int, _layers: Any, next_inputs: Any) -> None:
+        work.save_block(i, get_blocks(model)[i], f"{prefix}.{i}", None if next_inputs is None else next_inputs.hidden)
+        if on_block is not None:
+            on_block(i + 1, nblocks)
+
     t0 = time.perf_counter()
-    quantize_model(model, layer_plan, batches, dev, pre_quantize=pre_quantize,
-                   on_block=None if on_block is None else (lambda i, _l, _x: on_block(i + 1, nblocks)))
+    try:
+        with deterministic(dev):
+            quantize_model(model, layer_plan, batches, dev, save_block, start_block=start, inputs=inputs,
+                           pre_quantize=pre_quantize, loader=loader, collect=False)
+    except KeyboardInterrupt:
+        work.discard_if_empty()
+        raise LwqError(f"interrupted after {work.next_block} of {nblocks} blocks; rerun with --resume to continue",
+                       EXIT_INTERRUPTED) from None
+    except BaseException:
+        work.discard_if_empty()
+        raise
     seconds = time.perf_counter() - t0
     qlayers = [model.get_submodule(n) for n in layer_plan]
     qbytes = sum(m.weight_bytes() for m in qlayers if isinstance(m, QuantizedLinear))
@@ -111,11 +149,15 @@ def quantize_to_checkpoint(
         "num_layers": len(layer_plan), "num_blocks": nblocks, "device": str(dev),
         "calibration": None if batches is None else {"data": data, "nsamples": int(batches.shape[0]),
                                                      "seqlen": int(batches.shape[1]), "seed": seed},
-        "seconds": seconds, **(extra_summary or {}),
+        **(extra_summary or {}),
     }
-    path = save_checkpoint(model, out, layer_plan, model_name, {"summary": summary}, force=force,
-                           tokenizer=None if looks_local(model_name) else tok, extra_files=extra_files)
-    summary["checkpoint_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    manifest = {k: v for k, v in summary.items() if k != "output"}
+    path = save_checkpoint(model, out, layer_plan, model_name, {"summary": manifest}, force=force,
+                           tokenizer=None if looks_local(model_name) else tok, extra_files=extra_files,
+                           state=stream_state(model, work))
+    work.remove()
+    summary.update(seconds=seconds, resumed_from_block=start, loader=how,
+                   checkpoint_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")))
     return QuantizeResult(model, summary)
 
 
@@ -308,29 +350,40 @@ def quantize_with_budget(
     model_name: str, out: str, recipe: Any, data: str | None, nsamples: int, seqlen: int, seed: int = 0,
     load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text", calib: str | None = None,
     on_step: Progress | None = None, on_block: Progress | None = None, plan: Any = None,
-    error_db: str | None = None,
+    error_db: str | None = None, resume: bool = False,
 ) -> QuantizeResult:
     """Plan (unless ``plan`` is given: a path of a plan JSON file, checked against the model and
     repriced) then quantize and write the checkpoint, with ``plan.json`` inside it. The summary
-    reports the plan's budget and solver."""
-    from pathlib import Path
+    reports the plan's budget and solver. ``resume``: continue an interrupted run (see
+    ``quantize_to_checkpoint``); a plan made by the interrupted run is reused, not made again."""
+    from dataclasses import asdict
 
-    from lwq.allocate.plan import load_plan, plan_to_dict, reprice
-    from lwq.errors import BadInput
+    from lwq.allocate.plan import load_plan, plan_from_dict, plan_to_dict, reprice
+    from lwq.formats.checkpoint import check_output
     from lwq.models.arch import linear_names
     from lwq.models.load import resolve_device, resolve_dtype
     from lwq.planning import model_shapes
+    from lwq.resume import WorkFolder, fingerprint, model_identity
 
-    if Path(out).expanduser().exists() and not force:
-        raise BadInput(f"output {out} already exists; pass --force to replace it")
+    check_output(out, force)
+    work = WorkFolder.claim(out, resume, force)
     model = None
+    dtype = str(resolve_dtype(load.dtype, resolve_device(load.device))).replace("torch.", "")
     if isinstance(plan, str):
-        dtype = str(resolve_dtype(load.dtype, resolve_device(load.device))).replace("torch.", "")
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
         plan = reprice(load_plan(plan, linear_names(model)), model_shapes(model))
     if plan is None:
-        plan, model = plan_for_model(model_name, recipe, data, nsamples, seqlen, seed, load, text_field, calib,
-                                     on_step, error_db=error_db)
+        planning = fingerprint(model=model_identity(model_name), recipe=asdict(recipe), data=data, nsamples=nsamples,
+                               seqlen=seqlen, seed=seed, text_field=text_field, calib=calib, dtype=dtype,
+                               device=resolve_device(load.device).type)
+        saved = work.saved_plan(planning)
+        if saved is not None:
+            model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+            plan = plan_from_dict(saved, linear_names(model), str(work.path / "plan.json"))
+        else:
+            plan, model = plan_for_model(model_name, recipe, data, nsamples, seqlen, seed, load, text_field, calib,
+                                         on_step, error_db=error_db)
+            work.save_plan(planning, plan_to_dict(plan))
     cap = None
     if plan.budget is not None:
         from lwq.allocate.budget import budget_bytes, parse_budget
@@ -342,6 +395,6 @@ def quantize_with_budget(
              "planned_bits_per_weight": plan.bits_per_weight, "budget_bytes": cap}
     res = quantize_to_checkpoint(model_name, out, lambda _m: plan.specs, data, nsamples, seqlen, seed, load, force,
                                  text_field, on_block, model=model, extra_files={"plan.json": plan_to_dict(plan)},
-                                 extra_summary=extra)
+                                 extra_summary=extra, resume=resume, work=work)
     res.summary["budget_exceeded"] = cap is not None and res.summary["quantized_bytes"] > cap
     return res

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lwq.backends import QuantizedWeight, get_backend, needs_hessian, quantize_weight
+from lwq.calib.stats import BlockLoader, ResidentBlocks
 from lwq.errors import BadInput
 from lwq.formats.layouts import get_layout
 from lwq.formats.qlinear import quantized_from_linear, replace_linear
@@ -23,6 +24,7 @@ from lwq.models.blocks import BlockInputs, block_outputs, capture_block_inputs, 
 from lwq.spec import LayerSpec
 
 Plan = dict[str, LayerSpec]
+BATCH_SIZE = 8  # calibration windows per forward pass
 OnBlock = Callable[[int, dict[str, QuantizedWeight], "BlockInputs | None"], None]
 PreQuantize = Callable[[str, torch.Tensor, "torch.Tensor | None", LayerSpec], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -104,14 +106,18 @@ def validate_plan(model: nn.Module, plan: Plan) -> None:
 def quantize_model(
     model: nn.Module, plan: Plan, batches: torch.Tensor | None, device: torch.device | str = "cpu",
     on_block: OnBlock | None = None, *, start_block: int = 0, inputs: BlockInputs | None = None,
-    pre_quantize: PreQuantize | None = None, batch_size: int = 8,
+    pre_quantize: PreQuantize | None = None, batch_size: int = BATCH_SIZE, loader: BlockLoader | None = None,
+    collect: bool = True,
 ) -> dict[str, QuantizedWeight]:
     """Quantize ``model``'s planned linears in place, block by block; returns the quantized weights.
 
     ``batches``: calibration token ids (nsamples, seqlen), needed only when a planned layer needs
-    data (GPTQ, int8 activations). ``on_block(i, layers, next_inputs)`` runs after block ``i`` with
-    its quantized layers and the inputs of block ``i + 1`` (None without calibration); to resume,
-    pass ``start_block=i + 1`` and ``inputs=next_inputs``. ``pre_quantize(name, W, act_absmax, spec)``
+    data (GPTQ, int8 activations). ``on_block(i, layers, next_inputs)`` runs after block ``i``, while
+    the block is still materialised, with its quantized layers and the inputs of block ``i + 1`` (None
+    without calibration); to resume, pass ``start_block=i + 1`` and ``inputs=next_inputs``.
+    ``loader`` says where blocks come from (default: resident, moved to ``device`` for their turn;
+    ``lwq.models.lazy.LazyBlocks`` reads each from disk and drops it after). ``collect=False`` returns
+    an empty dict instead of keeping every quantized weight (memory that would grow with depth). ``pre_quantize(name, W, act_absmax, spec)``
     may transform the weight of an int8-activation layer and add tensors (SmoothQuant-style); by
     default the storage layout's own ``pre_quantize`` method is used when it has one.
     """
@@ -123,6 +129,7 @@ def quantize_model(
         raise BadInput(f"start block must be in 0..{len(blocks)}, got {start_block}")
     with_data = plan_needs_data({n: s for n, s in plan.items() if _block_of(n, arch.blocks) >= start_block})
     home = next(model.parameters()).device
+    loader = loader or ResidentBlocks(str(home))
     if with_data and inputs is None:
         if start_block != 0:
             raise BadInput("resuming from a later block needs that block's saved inputs")
@@ -134,15 +141,16 @@ def quantize_model(
     done: dict[str, QuantizedWeight] = {}
     try:
         for i in range(start_block, len(blocks)):
-            block = blocks[i].to(device)
+            block = loader.acquire(model, i, device)
             layers = _quantize_block(block, f"{arch.blocks}.{i}", arch.groups, plan, inputs if with_data else None,
                                      device, pre_quantize)
             if with_data and inputs is not None:
                 inputs = inputs.with_hidden(block_outputs(block, inputs, device))
-            block.to(home)
-            done.update(layers)
             if on_block is not None:
                 on_block(i, layers, inputs if with_data else None)
+            loader.release(model, i)
+            if collect:
+                done.update(layers)
     finally:
         if with_data:
             move_outside_blocks(model, arch, home)
@@ -158,6 +166,8 @@ def _quantize_block(block: nn.Module, prefix: str, groups: tuple[tuple[str, ...]
                     pre_quantize: PreQuantize | None) -> dict[str, QuantizedWeight]:
     """Quantize the planned linears of one block (already on ``device``), group by group."""
     out: dict[str, QuantizedWeight] = {}
+    planned = [lin for lin in dict.fromkeys(x for g in groups for x in g) if f"{prefix}.{lin}" in plan]
+    check_finite(block, prefix, planned)
     for group in groups:
         members = [lin for lin in group if f"{prefix}.{lin}" in plan]
         if not members:
@@ -178,6 +188,15 @@ def _quantize_block(block: nn.Module, prefix: str, groups: tuple[tuple[str, ...]
             replace_linear(block, lin, quantized_from_linear(module, qw))
             out[name] = _to_cpu(qw)
     return out
+
+
+def check_finite(block: nn.Module, prefix: str, linears: list[str]) -> None:
+    """Refuse (one line, naming the layers) weights holding NaN or Inf: quantizing them gives garbage."""
+    bad = [f"{prefix}.{lin}" for lin in linears
+           if not bool(torch.isfinite(linear_weight(block.get_submodule(lin))).all())]
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise BadInput(f"non-finite (NaN/Inf) weights in {', '.join(bad[:3])}{more}; refusing to quantize them")
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:

@@ -46,7 +46,7 @@ def quantize_command(
     plan_file: Optional[str] = typer.Option(None, "--plan", help="Apply a plan JSON (from `lwq plan`, maybe hand-edited)."),
     config: Optional[str] = typer.Option(None, "--config", help="A YAML recipe (configs/*.yaml); flags override it."),
     solver: Optional[str] = typer.Option(None, "--solver", help="Budget solver: order, random, dp (default), ilp, search."),
-    scorer: Optional[str] = typer.Option(None, "--scorer", help="Error estimate: hessian (default), lim, zd, sensitivity."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="Error estimate: sensitivity (measured, default), hessian, lim, zd."),
     candidate_bits: Optional[str] = typer.Option(None, "--candidate-bits", help="Bit widths the solver may choose from (default 2,3,4,6,8)."),
     tie: Optional[str] = typer.Option(None, "--tie", help="ilp: none, fused (q/k/v and gate/up share bits) or block."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Reuse an `lwq calibrate` folder's statistics for planning."),
@@ -58,9 +58,10 @@ def quantize_command(
     data: Optional[str] = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4): needed by gptq and --act-bits 8."),
     nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 2048, capped at the model's context)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for sampling calibration windows."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling calibration windows (same seed and inputs: byte-identical output)."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder (only once the new one is complete)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder (only once the new one is complete); discard an unfinished run's OUT.partial."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished block (same arguments; progress is kept in OUT.partial)."),
     dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, trust_remote_code: bool = TRUST_OPT,
     json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
@@ -82,7 +83,7 @@ def quantize_command(
             task = prog.add_task("plan and quantize", total=None)
             step = lambda i, n: prog.update(task, completed=i, total=n)  # noqa: E731
             res = quantize_with_budget(model, output, recipe, recipe.data, recipe.nsamples, recipe.seqlen, seed, load,
-                                       force, text_field, calib, step, step, plan=plan_file)
+                                       force, text_field, calib, step, step, plan=plan_file, resume=resume)
         _finish(res.summary, recipe.budget, json_out)
         return
     if config is not None:
@@ -94,6 +95,7 @@ def quantize_command(
         res = quantize_to_checkpoint(
             model, output, lambda m: {n: spec for n in linear_names(m)}, data, nsamples, seqlen, seed,
             load, force, text_field, on_block=lambda i, n: prog.update(task, completed=i, total=n),
+            resume=resume, lazy=True,
         )
     _finish(res.summary, None, json_out)
 

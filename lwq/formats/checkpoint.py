@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lwq.errors import BadInput
+from lwq.errors import BadInput, LwqError
 from lwq.formats.qlinear import QuantizedLinear, replace_linear
 from lwq.models.arch import linear_shape
 from lwq.models.load import read_config, resolve_device, resolve_dtype
@@ -42,10 +45,14 @@ def quantization_config(plan: dict[str, LayerSpec]) -> dict[str, Any]:
 
 
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without aliases (tied weights keep their first name), contiguous and on CPU."""
+    """The state dict without aliases (tied weights keep their first name), contiguous and on CPU.
+    Tensors on ``meta`` (blocks of a lazily loaded model) are kept as they are, never deduplicated."""
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
+        if t.is_meta:
+            out[key] = t
+            continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if t.numel() and ident in seen:
             continue
@@ -54,15 +61,71 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor to write: its dtype and shape now, its data only when its turn comes (``read``), so a
+    checkpoint can be streamed from files without holding it in memory."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorRef":
+        return cls(t.dtype, tuple(t.shape), lambda: t)
+
+
+# safetensors' dtype names, in the order its writer sorts them (descending alignment, then name)
+_ST_DTYPES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32",
+              torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3",
+              torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_RANK = {dt: i for i, dt in enumerate(_ST_DTYPES)}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, TensorRef], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time (the bytes ``safetensors.torch.save_file``
+    writes for the same tensors: same order, header and padding); memory stays one tensor."""
+    if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for
+        raise LwqError("writing safetensors needs a little-endian machine")
+    bad = sorted({str(r.dtype) for r in tensors.values() if r.dtype not in _ST_RANK})
+    if bad:
+        raise LwqError(f"cannot write tensors of dtype {bad[0]} to safetensors")
+    order = sorted(tensors, key=lambda k: (_ST_RANK[tensors[k].dtype], k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for k in order:
+        ref = tensors[k]
+        header[k] = {"dtype": _ST_DTYPES[ref.dtype], "shape": list(ref.shape),
+                     "data_offsets": [offset, offset + ref.nbytes]}
+        offset += ref.nbytes
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for k in order:
+            ref = tensors[k]
+            t = ref.read().detach().to("cpu").contiguous()
+            if t.dtype != ref.dtype or tuple(t.shape) != ref.shape:
+                raise LwqError(f"tensor {k} changed: {t.dtype} {tuple(t.shape)}, expected {ref.dtype} {ref.shape}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
+
+
+def _shards(state: dict[str, TensorRef], max_bytes: int) -> list[dict[str, TensorRef]]:
+    shards: list[dict[str, TensorRef]] = [{}]
     size = 0
-    for key, t in state.items():
-        n = t.numel() * t.element_size()
+    for key, ref in state.items():
+        n = ref.nbytes
         if shards[-1] and size + n > max_bytes:
             shards.append({})
             size = 0
-        shards[-1][key] = t
+        shards[-1][key] = ref
         size += n
     return shards
 
@@ -77,47 +140,99 @@ def sha256_file(path: Path) -> str:
 
 def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, LayerSpec], source: str,
                     extra_meta: dict[str, Any] | None = None, force: bool = False, tokenizer: Any = None,
-                    max_shard_bytes: int = MAX_SHARD_BYTES, extra_files: dict[str, Any] | None = None) -> Path:
+                    max_shard_bytes: int = MAX_SHARD_BYTES, extra_files: dict[str, Any] | None = None,
+                    state: dict[str, TensorRef] | None = None) -> Path:
     """Write ``model`` (its planned linears already ``QuantizedLinear``s) as an lwq checkpoint.
 
-    An existing ``out_dir`` is refused unless ``force``; it is replaced only once the new one is
-    complete. The tokenizer is saved from ``tokenizer`` or copied from ``source``'s folder.
-    ``extra_files`` (file name -> JSON-able object, e.g. the plan) are written inside it too."""
+    An existing ``out_dir`` is refused unless ``force`` (and even then unless it is an lwq
+    checkpoint or an empty folder); it is replaced only once the new one is complete, so a failed
+    write (full disk, interrupt) leaves it as it was. The tokenizer is saved from ``tokenizer`` or
+    copied from ``source``'s folder. ``extra_files`` (file name -> JSON-able object, e.g. the plan)
+    are written inside it too. ``state``: the tensors to write, in order (default: the model's own;
+    ``lwq.resume`` streams the blocks from its work folder instead)."""
     out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not force:
-        raise BadInput(f"output {out_dir} already exists; pass --force to replace it")
+    check_output(out_dir, force)
     src = Path(source).expanduser()
     if src.exists() and src.resolve() == out:
         raise BadInput("the output folder must differ from the source model's folder")
     missing = [n for n in plan if not isinstance(model.get_submodule(n), QuantizedLinear)]
     if missing:
         raise BadInput(f"{len(missing)} planned layer(s) are not quantized, e.g. {missing[0]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        tensors = unique_state(model)
+        on_meta = [k for k, t in tensors.items() if t.is_meta]
+        if on_meta:
+            raise BadInput(f"{len(on_meta)} tensor(s) of the model are not loaded (meta), e.g. {on_meta[0]}")
+        state = {k: TensorRef.of(t) for k, t in tensors.items()}
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        _write(model, tmp, plan, src, extra_meta or {}, tokenizer, max_shard_bytes)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out.parent, f".{out.name}.tmp-")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write(model, tmp, plan, src, extra_meta or {}, tokenizer, max_shard_bytes, state)
         for fname, obj in (extra_files or {}).items():
             _dump(tmp / fname, obj)
         _swap_in(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out_dir, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def check_output(out_dir: str | Path, force: bool) -> None:
+    """Refuse an output path that is a file, or an existing folder without ``force``; with ``force``,
+    refuse a non-empty folder that is not an lwq checkpoint (``--force`` must never delete user data)."""
+    out = Path(out_dir).expanduser()
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise BadInput(f"output {out_dir} is a file, not a folder")
+    if not out.exists():
+        return
+    if not force:
+        raise BadInput(f"output {out_dir} already exists; pass --force to replace it")
+    if not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise BadInput(f"output {out_dir} is a non-empty folder that is not an lwq checkpoint; "
+                       "refusing to replace it even with --force")
+
+
+def write_error(target: str | Path, exc: OSError) -> LwqError:
+    """The one-line error for a failed write (full disk, read-only or missing folder, ...)."""
+    reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else "") or str(exc) or type(exc).__name__
+    return LwqError(f"could not write {target}: {reason}")
+
+
+def _remove_stale(parent: Path, prefix: str) -> None:
+    """Remove temporary folders ``PREFIX<pid>`` left by killed writers (their process is gone)."""
+    for p in parent.glob(prefix + "*"):
+        pid = p.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write(model: nn.Module, tmp: Path, plan: dict[str, LayerSpec], src: Path, extra_meta: dict[str, Any],
-           tokenizer: Any, max_shard_bytes: int) -> None:
-    shards = _shards(unique_state(model), max_shard_bytes)
+           tokenizer: Any, max_shard_bytes: int, state: dict[str, TensorRef]) -> None:
+    shards = _shards(state, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
-        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        write_safetensors(tmp / name, shard, metadata={"format": "pt"})
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        total = sum(r.nbytes for s in shards for r in s.values())
         _dump(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     config = json.loads(model.config.to_json_string(use_diff=True))
     config["quantization_config"] = quantization_config(plan)
@@ -141,7 +256,12 @@ def _swap_in(tmp: Path, out: Path) -> None:
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists() or out.is_symlink():
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old.exists() or old.is_symlink():
+            old.rename(out)
+        raise
     if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old)
     elif old.exists() or old.is_symlink():

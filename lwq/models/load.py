@@ -88,10 +88,30 @@ def check_local_model(path: str | Path) -> dict[str, Any]:
             raise BadInput(f"{path} holds only pickle weights (*.bin); lwq loads safetensors only. "
                            "Convert them with transformers' save_pretrained(safe_serialization=True) first")
         raise BadInput(f"no *.safetensors weights in {path}")
+    check_safetensors(p)
+    from transformers import CONFIG_MAPPING
+
+    if cfg["model_type"] not in CONFIG_MAPPING and not cfg.get("auto_map"):
+        raise BadInput(f"{path}: unsupported model_type {cfg['model_type']!r} (unknown to this transformers; "
+                       "check config.json or upgrade transformers)")
     archs = cfg.get("architectures") or []
     if archs and not any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
         raise BadInput(f"{path} holds a {archs[0]}, not a causal language model")
     return cfg
+
+
+def check_safetensors(folder: Path) -> None:
+    """Every ``*.safetensors`` file of ``folder`` has a valid header covering the whole file (reads
+    only the headers): a corrupt or truncated download is one clear line, not a library error."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt", device="cpu"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise BadInput(f"{f} is not a readable safetensors file (corrupt or truncated?): "
+                           f"{' '.join(str(exc).split())[:160]}") from None
 
 
 def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> nn.Module:
