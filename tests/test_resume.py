@@ -138,7 +138,7 @@ def test_rtn_resume_needs_no_inputs(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_budget_resume_reuses_the_saved_plan(tiny, tmp_path, monkeypatch):
-    import lwq.pipeline as pipeline
+    import lwq.pipeline.quantize as pipeline  # where quantize_with_budget looks plan_for_model up
 
     budget = ["--budget", "4.2bit", "--scorer", "lim", "--candidate-bits", "3,4", "--group-size", "32",
               "--data", str(tiny / "calib.txt"), "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "--quiet"]

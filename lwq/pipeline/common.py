@@ -1,0 +1,53 @@
+"""Shared pieces of the orchestration: load options, calibration windows, source names, perplexity."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lwq.calib.data import load_text, tokenize
+from lwq.eval.perplexity import PplResult, perplexity
+from lwq.models.load import load_model, load_tokenizer
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How models are loaded: dtype, device and whether custom code is trusted."""
+
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+def evaluate_ppl(
+    model_name: str, data: str, seqlen: int = 256, stride: int | None = None, max_windows: int | None = None,
+    batch_size: int = 4, load: LoadOptions = LoadOptions(), text_field: str = "text",
+    on_step: Progress | None = None, model: Any = None,
+) -> PplResult:
+    """Load ``model_name`` (a model or an lwq checkpoint; or use ``model``) and its tokenizer and
+    measure perplexity on ``data``."""
+    if model is None:
+        model = load_model(model_name, load.dtype, load.device, load.trust_remote_code)
+    tok = load_tokenizer(model_name, load.trust_remote_code)
+    ids = tokenize(tok, load_text(data, "eval", text_field))
+    return perplexity(model, ids, seqlen, stride, max_windows, batch_size, on_step)
+
+
+def calib_batches(model_name: str, data: str, nsamples: int, seqlen: int, seed: int, load: LoadOptions,
+                   text_field: str) -> Any:
+    """Tokenized calibration windows (nsamples, seqlen) of ``data`` for ``model_name``'s tokenizer."""
+    from lwq.calib.data import calibration_samples
+
+    tok = load_tokenizer(model_name, load.trust_remote_code)
+    return calibration_samples(tok, data, nsamples, seqlen, seed, text_field)
+
+
+def source_name(name: str) -> str:
+    """An absolute path for local folders/files (so a calibration folder can find them again)."""
+    from pathlib import Path
+
+    from lwq.models.load import looks_local
+
+    p = Path(name).expanduser()
+    return str(p.resolve()) if looks_local(name) and p.exists() else name

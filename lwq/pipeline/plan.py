@@ -1,0 +1,61 @@
+"""Plan a model's bits per layer under a budget (``lwq.planning`` does the work)."""
+from __future__ import annotations
+
+from typing import Any
+
+from lwq.models.load import load_model
+from lwq.pipeline.common import LoadOptions, Progress, calib_batches as _calib_batches, source_name as _source_name
+
+
+def plan_for_model(
+    model_name: str, recipe: Any, data: str | None, nsamples: int, seqlen: int, seed: int = 0,
+    load: LoadOptions = LoadOptions(), text_field: str = "text", calib: str | None = None,
+    on_step: Progress | None = None, model: Any = None, error_db: str | None = None,
+) -> tuple[Any, Any]:
+    """Load ``model_name`` (unless ``model`` is given) and plan it under ``recipe`` (``lwq.planning``).
+
+    Calibration windows come from ``data`` when the scorer or solver needs them; ``calib`` reuses the
+    statistics of an ``lwq calibrate`` folder instead of collecting them; ``error_db``: a JSON file of
+    measured errors reused when present and written after measuring. Returns ``(plan, model)``."""
+    from pathlib import Path
+
+    from lwq.allocate.candidates import load_error_db, save_error_db
+    import torch
+
+    from lwq.calib.store import load_calib
+    from lwq.errors import BadInput
+    from lwq.models.load import resolve_device, resolve_dtype
+    from lwq.planning import plan_model
+    from lwq.score import SCORERS
+
+    scorer = SCORERS.get(recipe.scorer)
+    dev = resolve_device(load.device)
+    if model is None:
+        dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
+        model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+    stats = load_calib(calib, model) if calib else None
+    wants_samples = recipe.solver == "search" or "samples" in scorer.needs or (
+        stats is None and scorer.needs & {"stats", "hessians"})
+    samples = None
+    if wants_samples:
+        if data is None:
+            raise BadInput(f"scorer {recipe.scorer} / solver {recipe.solver} need calibration text: pass --data PATH")
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
+        samples = _calib_batches(model_name, data, nsamples, seqlen, seed, load, text_field)
+    torch.manual_seed(seed)
+    db = load_error_db(error_db) if error_db and Path(error_db).is_file() else None
+    if db is not None and db.meta.get("model") not in (None, _source_name(model_name)):
+        raise BadInput(f"error database {error_db} was measured on {db.meta.get('model')}, not {model_name}")
+    model.to(dev)
+    try:
+        plan, db = plan_model(model, samples, recipe, seed, stats, on_step,
+                              meta={"model": _source_name(model_name), "data": data, "seed": seed,
+                                    "nsamples": nsamples, "seqlen": seqlen}, db=db)
+    finally:
+        model.to("cpu")
+    if error_db and db is not None:
+        from lwq.allocate.candidates import ErrorDB
+
+        save_error_db(ErrorDB(db.entries, {**db.meta, "model": _source_name(model_name), "data": data}), error_db)
+    return plan, model

@@ -1,0 +1,189 @@
+"""Quantize a model under a plan (uniform, budgeted or from a file) and write the checkpoint."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lwq.models.load import load_model, load_tokenizer
+from lwq.pipeline.common import LoadOptions, Progress
+from lwq.pipeline.plan import plan_for_model
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize_to_checkpoint`` did: the in-memory quantized model and a JSON-able summary."""
+
+    model: Any
+    summary: dict[str, Any]
+
+
+def quantize_to_checkpoint(
+    model_name: str, out: str, plan: Any, data: str | None = None, nsamples: int = 128, seqlen: int = 2048,
+    seed: int = 0, load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text",
+    on_block: Callable[[int, int], None] | None = None, pre_quantize: Any = None, model: Any = None,
+    extra_files: dict[str, Any] | None = None, extra_summary: dict[str, Any] | None = None,
+    resume: bool = False, lazy: bool = False, work: Any = None,
+) -> QuantizeResult:
+    """Load ``model_name``, quantize it under ``plan`` (a dict name -> LayerSpec, or a function of the
+    loaded model returning one) block by block, and write the checkpoint to ``out``.
+
+    Calibration windows from ``data`` are sampled only when the plan needs them (GPTQ, int8
+    activations). ``on_block(done, total)`` reports progress. ``model``: an already loaded copy of
+    ``model_name`` (on CPU) to quantize instead of loading it again; ``extra_files`` are written into
+    the checkpoint folder (e.g. ``plan.json``); ``extra_summary`` is merged into the summary.
+
+    Progress is recorded per block in ``OUT.partial`` (``lwq.resume``): ``resume`` continues an
+    interrupted run there (the result is byte-identical to an uninterrupted run), ``force`` discards
+    it; it is removed on success. ``lazy``: read the model one block at a time from its safetensors
+    files (``lwq.models.lazy``; falls back to a full load when the model cannot be read that way) so
+    memory stays about one block whatever the depth; the returned model's blocks are then left on
+    ``meta``. ``work``: a ``WorkFolder`` already claimed by the caller."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from lwq.calib.data import calibration_samples
+    from lwq.errors import EXIT_INTERRUPTED, BadInput, LwqError
+    from lwq.formats.checkpoint import check_output, save_checkpoint
+    from lwq.formats.qlinear import QuantizedLinear
+    from lwq.models.arch import arch_for, get_blocks
+    from lwq.models.lazy import LazyUnsupported, load_lazy
+    from lwq.models.load import is_lwq_checkpoint, looks_local, resolve_device, resolve_dtype
+    from lwq.quantize import plan_needs_data, quantize_model
+    from lwq.resume import (WorkFolder, deterministic, fingerprint, model_identity, plan_digest, resume_inputs,
+                            stream_state, tensor_digest)
+
+    check_output(out, force)
+    if looks_local(model_name) and is_lwq_checkpoint(model_name):
+        raise BadInput(f"{model_name} is already an lwq checkpoint; quantize the original model")
+    work = work or WorkFolder.claim(out, resume, force)
+    dev = resolve_device(load.device)
+    dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
+    loader, how = None, "eager"
+    if model is None and lazy and not load.trust_remote_code:
+        try:
+            model, loader = load_lazy(model_name, dtype, str(dev))
+            how = "lazy"
+        except LazyUnsupported as exc:
+            how = f"eager ({exc})"
+    if model is None:
+        model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+    layer_plan = plan(model) if callable(plan) else dict(plan)
+    if not layer_plan:
+        raise BadInput("the plan quantizes no layer")
+    tok = load_tokenizer(model_name, load.trust_remote_code)
+    batches = None
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
+    if plan_needs_data(layer_plan):
+        if data is None:
+            raise BadInput("this plan (GPTQ or int8 activations) needs calibration text: pass --data PATH")
+        batches = calibration_samples(tok, data, nsamples, seqlen, seed, text_field)
+    nblocks = len(get_blocks(model))
+    start = work.start(fingerprint(model=model_identity(model_name), plan=plan_digest(layer_plan), data=data,
+                                   text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype,
+                                   device=dev.type, calibration=tensor_digest(batches), blocks=nblocks))
+    torch.manual_seed(seed)
+    inputs = resume_inputs(model, work, layer_plan, batches, dev, loader is None) if start else None
+    prefix = arch_for(model).blocks
+
+    def save_block(i: int, _layers: Any, next_inputs: Any) -> None:
+        work.save_block(i, get_blocks(model)[i], f"{prefix}.{i}", None if next_inputs is None else next_inputs.hidden)
+        if on_block is not None:
+            on_block(i + 1, nblocks)
+
+    t0 = time.perf_counter()
+    try:
+        with deterministic(dev):
+            quantize_model(model, layer_plan, batches, dev, save_block, start_block=start, inputs=inputs,
+                           pre_quantize=pre_quantize, loader=loader, collect=False)
+    except KeyboardInterrupt:
+        work.discard_if_empty()
+        raise LwqError(f"interrupted after {work.next_block} of {nblocks} blocks; rerun with --resume to continue",
+                       EXIT_INTERRUPTED) from None
+    except BaseException:
+        work.discard_if_empty()
+        raise
+    seconds = time.perf_counter() - t0
+    qlayers = [model.get_submodule(n) for n in layer_plan]
+    qbytes = sum(m.weight_bytes() for m in qlayers if isinstance(m, QuantizedLinear))
+    numel = sum(m.out_features * m.in_features for m in qlayers if isinstance(m, QuantizedLinear))
+    specs = list(layer_plan.values())
+
+    def uniform(field: str) -> Any:
+        vals = {getattr(s, field) for s in specs}
+        return vals.pop() if len(vals) == 1 else "mixed"
+
+    summary: dict[str, Any] = {
+        "source": model_name, "output": str(Path(out).expanduser().resolve()), "backend": uniform("backend"),
+        "bits": uniform("bits"), "group_size": uniform("group_size"), "sym": uniform("sym"),
+        "act_bits": uniform("act_bits"), "act_order": uniform("act_order"), "format": uniform("format"),
+        "bits_per_weight": 8.0 * qbytes / numel, "quantized_bytes": qbytes, "quantized_params": numel,
+        "num_layers": len(layer_plan), "num_blocks": nblocks, "device": str(dev),
+        "calibration": None if batches is None else {"data": data, "nsamples": int(batches.shape[0]),
+                                                     "seqlen": int(batches.shape[1]), "seed": seed},
+        **(extra_summary or {}),
+    }
+    manifest = {k: v for k, v in summary.items() if k != "output"}
+    path = save_checkpoint(model, out, layer_plan, model_name, {"summary": manifest}, force=force,
+                           tokenizer=None if looks_local(model_name) else tok, extra_files=extra_files,
+                           state=stream_state(model, work))
+    work.remove()
+    summary.update(seconds=seconds, resumed_from_block=start, loader=how,
+                   checkpoint_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")))
+    return QuantizeResult(model, summary)
+
+
+def quantize_with_budget(
+    model_name: str, out: str, recipe: Any, data: str | None, nsamples: int, seqlen: int, seed: int = 0,
+    load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text", calib: str | None = None,
+    on_step: Progress | None = None, on_block: Progress | None = None, plan: Any = None,
+    error_db: str | None = None, resume: bool = False,
+) -> QuantizeResult:
+    """Plan (unless ``plan`` is given: a path of a plan JSON file, checked against the model and
+    repriced) then quantize and write the checkpoint, with ``plan.json`` inside it. The summary
+    reports the plan's budget and solver. ``resume``: continue an interrupted run (see
+    ``quantize_to_checkpoint``); a plan made by the interrupted run is reused, not made again."""
+    from dataclasses import asdict
+
+    from lwq.allocate.plan import load_plan, plan_from_dict, plan_to_dict, reprice
+    from lwq.formats.checkpoint import check_output
+    from lwq.models.arch import linear_names
+    from lwq.models.load import resolve_device, resolve_dtype
+    from lwq.planning import model_shapes
+    from lwq.resume import WorkFolder, fingerprint, model_identity
+
+    check_output(out, force)
+    work = WorkFolder.claim(out, resume, force)
+    model = None
+    dtype = str(resolve_dtype(load.dtype, resolve_device(load.device))).replace("torch.", "")
+    if isinstance(plan, str):
+        model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+        plan = reprice(load_plan(plan, linear_names(model)), model_shapes(model))
+    if plan is None:
+        planning = fingerprint(model=model_identity(model_name), recipe=asdict(recipe), data=data, nsamples=nsamples,
+                               seqlen=seqlen, seed=seed, text_field=text_field, calib=calib, dtype=dtype,
+                               device=resolve_device(load.device).type)
+        saved = work.saved_plan(planning)
+        if saved is not None:
+            model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+            plan = plan_from_dict(saved, linear_names(model), str(work.path / "plan.json"))
+        else:
+            plan, model = plan_for_model(model_name, recipe, data, nsamples, seqlen, seed, load, text_field, calib,
+                                         on_step, error_db=error_db)
+            work.save_plan(planning, plan_to_dict(plan))
+    cap = None
+    if plan.budget is not None:
+        from lwq.allocate.budget import budget_bytes, parse_budget
+        from lwq.planning import rest_bytes
+
+        cap = budget_bytes(parse_budget(plan.budget), list(plan.layers.values()),
+                           rest_bytes(model, model_shapes(model)))
+    extra = {"budget": plan.budget, "solver": plan.solver, "scorer": plan.scorer,
+             "planned_bits_per_weight": plan.bits_per_weight, "budget_bytes": cap}
+    res = quantize_to_checkpoint(model_name, out, lambda _m: plan.specs, data, nsamples, seqlen, seed, load, force,
+                                 text_field, on_block, model=model, extra_files={"plan.json": plan_to_dict(plan)},
+                                 extra_summary=extra, resume=resume, work=work)
+    res.summary["budget_exceeded"] = cap is not None and res.summary["quantized_bytes"] > cap
+    return res
