@@ -116,7 +116,6 @@ CASES = {
     "output exists": (["quantize", "{root}/good", "-o", "{root}/ckpt", "--bits", "4", *QUICK], 2, "--force"),
     "--force on a user folder": (["quantize", "{root}/good", "-o", "{root}/user-folder", "--bits", "4", "--force",
                                   *QUICK], 2, "not an lwq checkpoint"),
-    "gptq without data": (Q("{root}/good", "--bits", "4", "--backend", "gptq"), 2, "--data"),
     "missing calibration file": (Q("{root}/good", "--bits", "4", "--backend", "gptq", "--data", "{root}/none.txt",
                                    "--nsamples", "4", "--seqlen", "32"), 2, "none.txt"),
     "unknown backend": (Q("{root}/good", "--bits", "4", "--backend", "nope"), 2, "nope"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from helpers import save_tiny, word_text
 from lwq.cli import run
@@ -55,7 +56,6 @@ def test_existing_output_needs_force(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--bits", "4", "--backend", "gptq"], "needs calibration"),
     (["--bits", "3", "--backend", "bnb-nf4"], "--bits 4"),
     (["--bits", "4", "--act-order"], "gptq backend only"),
     (["--bits", "4", "--backend", "awq"], "unknown backend 'awq'"),
@@ -67,3 +67,23 @@ def test_bad_options_are_one_line_errors(tiny, tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and err.count("\n") == 1
     assert not (tmp_path / "q").exists()
+
+
+def test_gptq_without_data_calibrates_on_self_generated_text(tiny, tmp_path, capsys):
+    out = tmp_path / "self"
+    assert quantize(tiny, out, "--bits", "4", "--backend", "gptq", "--nsamples", "4", "--seqlen", "32") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["calibration"]["data"] == "self" and summary["calibration"]["nsamples"] == 4
+    assert (out / "model.safetensors").is_file()
+
+
+def test_self_generated_samples_are_seeded_model_text():
+    from helpers import tiny_model
+    from lwq.calib.data import self_generated_samples
+
+    model = tiny_model("llama")
+    a = self_generated_samples(model, 3, 16, seed=1)
+    assert a.shape == (3, 16) and a.dtype.is_floating_point is False
+    assert torch.equal(a, self_generated_samples(model, 3, 16, seed=1))
+    assert not torch.equal(a, self_generated_samples(model, 3, 16, seed=2))
+    assert int(a.min()) >= 0 and int(a.max()) < 128

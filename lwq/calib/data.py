@@ -125,3 +125,33 @@ def calibration_samples(tokenizer: Any, source: str, nsamples: int, seqlen: int,
                         text_field: str = "text") -> torch.Tensor:
     """Tokenized calibration windows from ``source`` (its calibration split if named)."""
     return sample_windows(tokenize(tokenizer, load_text(source, "calib", text_field)), nsamples, seqlen, seed)
+
+
+SELF_DATA = "self"
+
+
+@torch.no_grad()
+def self_generated_samples(model: Any, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
+    """``nsamples`` sequences of ``seqlen`` tokens sampled from ``model`` itself (temperature 1, no
+    truncation), starting from its BOS token (else a random token): calibration text that needs no
+    data set, as in data-free quantization. Reproducible by ``seed`` on a given device."""
+    if nsamples <= 0:
+        raise BadInput(f"nsamples must be positive, got {nsamples}")
+    if seqlen <= 1:
+        raise BadInput(f"seqlen must be at least 2, got {seqlen}")
+    cfg = model.config
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    bos = getattr(cfg, "bos_token_id", None)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    out = []
+    for start in range(0, nsamples, batch_size):
+        n = min(batch_size, nsamples - start)
+        first = (torch.full((n, 1), int(bos)) if isinstance(bos, int) and 0 <= bos < vocab
+                 else torch.randint(0, vocab, (n, 1), generator=gen)).to(device)
+        ids = model.generate(input_ids=first, attention_mask=torch.ones_like(first), do_sample=True, top_k=0,
+                             top_p=1.0, temperature=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                             pad_token_id=0 if getattr(cfg, "pad_token_id", None) is None else cfg.pad_token_id)
+        out.append(ids[:, :seqlen].cpu())
+    return torch.cat(out).to(torch.long)

@@ -29,7 +29,7 @@ def plan_command(
     sym: bool = typer.Option(False, "--sym", help="Symmetric candidates."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (W4A8/W6A8 candidates)."),
     tie: Optional[str] = typer.Option(None, "--tie", help="ilp: none, fused (q/k/v, gate/up share bits, as vLLM needs) or block."),
-    data: Optional[str] = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4); without it, text sampled from the model itself."),
     nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default 2048, capped at the model's context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and for the random/search solvers."),

@@ -55,7 +55,7 @@ def quantize_command(
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="rtn (default with --bits), rtn-mse, gptq (default with --budget), bnb-nf4, bnb-fp4, bnb-int8."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (int8 activations: W4A8/W6A8)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4): needed by gptq and --act-bits 8."),
+    data: Optional[str] = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4); without it, text sampled from the model itself."),
     nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 2048, capped at the model's context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling calibration windows (same seed and inputs: byte-identical output)."),

@@ -34,10 +34,17 @@ def evaluate_ppl(
     return perplexity(model, ids, seqlen, stride, max_windows, batch_size, on_step)
 
 
-def calib_batches(model_name: str, data: str, nsamples: int, seqlen: int, seed: int, load: LoadOptions,
-                   text_field: str) -> Any:
-    """Tokenized calibration windows (nsamples, seqlen) of ``data`` for ``model_name``'s tokenizer."""
-    from lwq.calib.data import calibration_samples
+def calib_batches(model_name: str, data: str | None, nsamples: int, seqlen: int, seed: int, load: LoadOptions,
+                  text_field: str, model: Any = None) -> Any:
+    """Tokenized calibration windows (nsamples, seqlen) of ``data`` for ``model_name``'s tokenizer.
+    ``data`` None or ``self``: sequences sampled from ``model`` itself (needs ``model``)."""
+    from lwq.calib.data import SELF_DATA, calibration_samples, self_generated_samples
+    from lwq.errors import BadInput
+
+    if data is None or data == SELF_DATA:
+        if model is None:
+            raise BadInput("calibration text is needed here: pass --data PATH (a .txt/.jsonl file or wikitext2/c4)")
+        return self_generated_samples(model, nsamples, seqlen, seed)
 
     tok = load_tokenizer(model_name, load.trust_remote_code)
     return calibration_samples(tok, data, nsamples, seqlen, seed, text_field)

@@ -38,11 +38,9 @@ def plan_for_model(
         stats is None and scorer.needs & {"stats", "hessians"})
     samples = None
     if wants_samples:
-        if data is None:
-            raise BadInput(f"scorer {recipe.scorer} / solver {recipe.solver} need calibration text: pass --data PATH")
         max_pos = getattr(model.config, "max_position_embeddings", None)
         seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
-        samples = _calib_batches(model_name, data, nsamples, seqlen, seed, load, text_field)
+        samples = _calib_batches(model_name, data, nsamples, seqlen, seed, load, text_field, model)
     torch.manual_seed(seed)
     db = load_error_db(error_db) if error_db and Path(error_db).is_file() else None
     if db is not None and db.meta.get("model") not in (None, _source_name(model_name)):

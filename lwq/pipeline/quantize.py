@@ -43,7 +43,7 @@ def quantize_to_checkpoint(
 
     import torch
 
-    from lwq.calib.data import calibration_samples
+    from lwq.calib.data import SELF_DATA, calibration_samples, self_generated_samples
     from lwq.errors import EXIT_INTERRUPTED, BadInput, LwqError
     from lwq.formats.checkpoint import check_output, save_checkpoint
     from lwq.formats.qlinear import QuantizedLinear
@@ -77,9 +77,14 @@ def quantize_to_checkpoint(
     max_pos = getattr(model.config, "max_position_embeddings", None)
     seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
     if plan_needs_data(layer_plan):
-        if data is None:
-            raise BadInput("this plan (GPTQ or int8 activations) needs calibration text: pass --data PATH")
-        batches = calibration_samples(tok, data, nsamples, seqlen, seed, text_field)
+        if data is None or data == SELF_DATA:
+            data = SELF_DATA
+            if loader is not None:  # sampling from the model needs all of it, not one block at a time
+                model, loader, how = load_model(model_name, dtype, "cpu", load.trust_remote_code), None, \
+                    "eager (self-generated calibration text)"
+            batches = self_generated_samples(model, nsamples, seqlen, seed)
+        else:
+            batches = calibration_samples(tok, data, nsamples, seqlen, seed, text_field)
     nblocks = len(get_blocks(model))
     start = work.start(fingerprint(model=model_identity(model_name), plan=plan_digest(layer_plan), data=data,
                                    text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype,
