@@ -49,3 +49,14 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+# options shared by `lwq plan` and `lwq quantize` (one definition, one help text)
+BUDGET_OPT = typer.Option(None, "--budget", help="3.25bit (real bits per weight), 4GB / 3.5GiB (checkpoint bytes) or 0.25x (of fp16).")
+CONFIG_OPT = typer.Option(None, "--config", help="A YAML recipe (configs/*.yaml); flags override it.")
+SOLVER_OPT = typer.Option(None, "--solver", help="order (the paper), random, dp (default), ilp, search.")
+SCORER_OPT = typer.Option(None, "--scorer", help="Error estimate: sensitivity (measured, default), hessian, lim, zd.")
+CANDIDATE_BITS_OPT = typer.Option(None, "--candidate-bits", help="Bit widths the solver may choose from (default 2,3,4,6,8).")
+TIE_OPT = typer.Option(None, "--tie", help="ilp: none, fused (q/k/v and gate/up share bits, as vLLM needs) or block.")
+CALIB_OPT = typer.Option(None, "--calib", help="Reuse an `lwq calibrate` folder's statistics for planning.")
+DATA_OPT = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4); without it, text sampled from the model itself.")

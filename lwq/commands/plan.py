@@ -9,7 +9,10 @@ import typer
 from rich.table import Table
 
 from lwq.allocate.plan import Plan, plan_to_dict, save_plan
-from lwq.commands.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes
+from lwq.commands.common import (
+    BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, TIE_OPT, CALIB_OPT, DATA_OPT,
+    DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
+)
 from lwq.commands.quantize import budget_recipe
 from lwq.errors import BadInput
 from lwq.pipeline import LoadOptions, plan_for_model
@@ -19,21 +22,21 @@ from lwq.ui import err_console, out_console, progress
 def plan_command(
     model: str = typer.Argument(..., help="Model folder or hub id."),
     output: str = typer.Option(..., "--output", "-o", help="Plan JSON to write."),
-    budget: Optional[str] = typer.Option(None, "--budget", help="3.25bit (real bits per weight), 4GB / 3.5GiB (checkpoint bytes) or 0.25x (of fp16)."),
-    config: Optional[str] = typer.Option(None, "--config", help="A YAML recipe (configs/*.yaml); flags override it."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="order (the paper), random, dp (default), ilp, search."),
-    scorer: Optional[str] = typer.Option(None, "--scorer", help="Error estimate: sensitivity (measured, default), hessian, lim, zd."),
-    candidate_bits: Optional[str] = typer.Option(None, "--candidate-bits", help="Widths to choose from (default 2,3,4,6,8)."),
+    budget: Optional[str] = BUDGET_OPT,
+    config: Optional[str] = CONFIG_OPT,
+    solver: Optional[str] = SOLVER_OPT,
+    scorer: Optional[str] = SCORER_OPT,
+    candidate_bits: Optional[str] = CANDIDATE_BITS_OPT,
     backend: Optional[str] = typer.Option(None, "--backend", help="Backend the plan's specs name (default gptq)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Group size of the candidates (default 128)."),
     sym: bool = typer.Option(False, "--sym", help="Symmetric candidates."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (W4A8/W6A8 candidates)."),
-    tie: Optional[str] = typer.Option(None, "--tie", help="ilp: none, fused (q/k/v, gate/up share bits, as vLLM needs) or block."),
-    data: Optional[str] = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4); without it, text sampled from the model itself."),
+    tie: Optional[str] = TIE_OPT,
+    data: Optional[str] = DATA_OPT,
     nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default 2048, capped at the model's context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and for the random/search solvers."),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Reuse an `lwq calibrate` folder's statistics."),
+    calib: Optional[str] = CALIB_OPT,
     error_db: Optional[str] = typer.Option(None, "--error-db", help="JSON of measured candidate errors: reused if present, written after measuring."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of bits per layer."),

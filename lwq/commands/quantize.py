@@ -6,7 +6,10 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from lwq.commands.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes
+from lwq.commands.common import (
+    BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, TIE_OPT, CALIB_OPT, DATA_OPT,
+    DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
+)
 from lwq.allocate.recipes import Recipe, load_recipe, merge, parse_bits
 from lwq.errors import BadInput, LwqError
 from lwq.models.arch import linear_names
@@ -42,20 +45,20 @@ def quantize_command(
     model: str = typer.Argument(..., help="Model folder or hub id (safetensors weights)."),
     output: str = typer.Option(..., "--output", "-o", help="Folder to write the checkpoint to."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Uniform: weight bits 2, 3, 4, 6, 8 for every layer."),
-    budget: Optional[str] = typer.Option(None, "--budget", help="Mixed precision under a budget: 3.25bit, 4GB, 3.5GiB or 0.25x."),
+    budget: Optional[str] = BUDGET_OPT,
     plan_file: Optional[str] = typer.Option(None, "--plan", help="Apply a plan JSON (from `lwq plan`, maybe hand-edited)."),
-    config: Optional[str] = typer.Option(None, "--config", help="A YAML recipe (configs/*.yaml); flags override it."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="Budget solver: order, random, dp (default), ilp, search."),
-    scorer: Optional[str] = typer.Option(None, "--scorer", help="Error estimate: sensitivity (measured, default), hessian, lim, zd."),
-    candidate_bits: Optional[str] = typer.Option(None, "--candidate-bits", help="Bit widths the solver may choose from (default 2,3,4,6,8)."),
-    tie: Optional[str] = typer.Option(None, "--tie", help="ilp: none, fused (q/k/v and gate/up share bits) or block."),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Reuse an `lwq calibrate` folder's statistics for planning."),
+    config: Optional[str] = CONFIG_OPT,
+    solver: Optional[str] = SOLVER_OPT,
+    scorer: Optional[str] = SCORER_OPT,
+    candidate_bits: Optional[str] = CANDIDATE_BITS_OPT,
+    tie: Optional[str] = TIE_OPT,
+    calib: Optional[str] = CALIB_OPT,
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns per scale: 32, 64, 128 (default), 256 or -1 (per channel)."),
     sym: bool = typer.Option(False, "--sym/--no-sym", help="Symmetric grid (default: asymmetric with zero points)."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="rtn (default with --bits), rtn-mse, gptq (default with --budget), bnb-nf4, bnb-fp4, bnb-int8."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (int8 activations: W4A8/W6A8)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4); without it, text sampled from the model itself."),
+    data: Optional[str] = DATA_OPT,
     nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 2048, capped at the model's context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling calibration windows (same seed and inputs: byte-identical output)."),
