@@ -87,3 +87,22 @@ def test_self_generated_samples_are_seeded_model_text():
     assert torch.equal(a, self_generated_samples(model, 3, 16, seed=1))
     assert not torch.equal(a, self_generated_samples(model, 3, 16, seed=2))
     assert int(a.min()) >= 0 and int(a.max()) < 128
+
+
+def test_budget_without_data_samples_the_model_once(tiny, tmp_path, capsys, monkeypatch):
+    import lwq.calib.data as data_mod
+
+    calls = []
+    real = data_mod.self_generated_samples
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(data_mod, "self_generated_samples", counting)
+    out = tmp_path / "budget-self"
+    assert quantize(tiny, out, "--budget", "4.5bit", "--backend", "gptq", "--candidate-bits", "3,4,8",
+                    "--nsamples", "4", "--seqlen", "32") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["bits_per_weight"] <= 4.5 and summary["calibration"]["data"] == "self"
+    assert len(calls) == 1  # planning and GPTQ share the sampled windows

@@ -10,7 +10,7 @@ from lwq.pipeline.common import LoadOptions, Progress, calib_batches as _calib_b
 def plan_for_model(
     model_name: str, recipe: Any, data: str | None, nsamples: int, seqlen: int, seed: int = 0,
     load: LoadOptions = LoadOptions(), text_field: str = "text", calib: str | None = None,
-    on_step: Progress | None = None, model: Any = None, error_db: str | None = None,
+    on_step: Progress | None = None, model: Any = None, error_db: str | None = None, samples: Any = None,
 ) -> tuple[Any, Any]:
     """Load ``model_name`` (unless ``model`` is given) and plan it under ``recipe`` (``lwq.planning``).
 
@@ -36,8 +36,7 @@ def plan_for_model(
     stats = load_calib(calib, model) if calib else None
     wants_samples = recipe.solver == "search" or "samples" in scorer.needs or (
         stats is None and scorer.needs & {"stats", "hessians"})
-    samples = None
-    if wants_samples:
+    if wants_samples and samples is None:
         max_pos = getattr(model.config, "max_position_embeddings", None)
         seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
         samples = _calib_batches(model_name, data, nsamples, seqlen, seed, load, text_field, model)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from lwq.models.load import load_model, load_tokenizer
-from lwq.pipeline.common import LoadOptions, Progress
+from lwq.pipeline.common import LoadOptions, Progress, calib_batches
 from lwq.pipeline.plan import plan_for_model
 
 
@@ -22,7 +22,7 @@ def quantize_to_checkpoint(
     seed: int = 0, load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text",
     on_block: Callable[[int, int], None] | None = None, pre_quantize: Any = None, model: Any = None,
     extra_files: dict[str, Any] | None = None, extra_summary: dict[str, Any] | None = None,
-    resume: bool = False, lazy: bool = False, work: Any = None,
+    resume: bool = False, lazy: bool = False, work: Any = None, batches: Any = None,
 ) -> QuantizeResult:
     """Load ``model_name``, quantize it under ``plan`` (a dict name -> LayerSpec, or a function of the
     loaded model returning one) block by block, and write the checkpoint to ``out``.
@@ -73,10 +73,11 @@ def quantize_to_checkpoint(
     if not layer_plan:
         raise BadInput("the plan quantizes no layer")
     tok = load_tokenizer(model_name, load.trust_remote_code)
-    batches = None
     max_pos = getattr(model.config, "max_position_embeddings", None)
     seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
-    if plan_needs_data(layer_plan):
+    if plan_needs_data(layer_plan) and batches is not None:
+        pass  # the caller's calibration windows (e.g. the ones the plan was measured on)
+    elif plan_needs_data(layer_plan):
         if data is None or data == SELF_DATA:
             data = SELF_DATA
             if loader is not None:  # sampling from the model needs all of it, not one block at a time
@@ -162,7 +163,10 @@ def quantize_with_budget(
     check_output(out, force)
     work = WorkFolder.claim(out, resume, force)
     model = None
+    from lwq.calib.data import SELF_DATA
+
     dtype = str(resolve_dtype(load.dtype, resolve_device(load.device))).replace("torch.", "")
+    batches = None
     if isinstance(plan, str):
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
         plan = reprice(load_plan(plan, linear_names(model)), model_shapes(model))
@@ -175,8 +179,14 @@ def quantize_with_budget(
             model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
             plan = plan_from_dict(saved, linear_names(model), str(work.path / "plan.json"))
         else:
+            if data is None or data == SELF_DATA:  # sample the model's own text once, for planning and GPTQ
+                data = SELF_DATA
+                model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+                max_pos = getattr(model.config, "max_position_embeddings", None)
+                seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
+                batches = calib_batches(model_name, data, nsamples, seqlen, seed, load, text_field, model)
             plan, model = plan_for_model(model_name, recipe, data, nsamples, seqlen, seed, load, text_field, calib,
-                                         on_step, error_db=error_db)
+                                         on_step, model=model, error_db=error_db, samples=batches)
             work.save_plan(planning, plan_to_dict(plan))
     cap = None
     if plan.budget is not None:
@@ -189,6 +199,6 @@ def quantize_with_budget(
              "planned_bits_per_weight": plan.bits_per_weight, "budget_bytes": cap}
     res = quantize_to_checkpoint(model_name, out, lambda _m: plan.specs, data, nsamples, seqlen, seed, load, force,
                                  text_field, on_block, model=model, extra_files={"plan.json": plan_to_dict(plan)},
-                                 extra_summary=extra, resume=resume, work=work)
+                                 extra_summary=extra, resume=resume, work=work, batches=batches)
     res.summary["budget_exceeded"] = cap is not None and res.summary["quantized_bytes"] > cap
     return res
