@@ -19,12 +19,11 @@ from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lwq.errors import BadInput, LwqError
-from lwq.formats.qlinear import QuantizedLinear, replace_linear
-from lwq.models.arch import linear_shape
+from lwq.formats.qlinear import QuantizedLinear, install_empty
 from lwq.models.load import read_config, resolve_device, resolve_dtype
 from lwq.spec import LayerSpec
 
@@ -344,15 +343,7 @@ def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, config.get("dtype") or config.get("torch_dtype"))
     model = _skeleton(config, torch_dtype)
-    for name, spec in plan.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise BadInput(f"checkpoint plans layer {name!r}, which this model has no module for") from None
-        out_f, in_f = linear_shape(module)
-        bias = getattr(module, "bias", None)
-        replace_linear(model, name, QuantizedLinear.empty(spec, out_f, in_f, bias is not None,
-                                                          bias.dtype if bias is not None else torch_dtype))
+    install_empty(model, plan)
     _load_tensors(model, shards)
     model.tie_weights()
     model.to(dev)

@@ -45,23 +45,13 @@ class LwqHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         from lwq.formats.checkpoint import read_plan, verify_manifest
-        from lwq.formats.qlinear import QuantizedLinear, replace_linear
-        from lwq.models.arch import linear_shape
+        from lwq.formats.qlinear import install_empty
 
         files = kwargs.get("checkpoint_files") or []
         if files:
             verify_manifest(Path(files[0]).parent)
         plan = read_plan({"quantization_config": self.quantization_config.to_dict()})
-        for name, spec in plan.items():
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"the lwq checkpoint plans layer {name!r}, which this model has no module for") from None
-            out_f, in_f = linear_shape(module)
-            bias = getattr(module, "bias", None)
-            dtype = (bias if bias is not None else module.weight).dtype
-            replace_linear(model, name, QuantizedLinear.empty(spec, out_f, in_f, bias is not None, dtype))
-        return model
+        return install_empty(model, plan)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         from lwq.kernels import attach_kernels

@@ -8,10 +8,11 @@ from torch import nn
 
 from lwq.backends.base import QuantizedWeight
 from lwq.backends.quant import group_index
+from lwq.errors import BadInput
 from lwq.formats.layout import Layout, Tensors, num_groups
 from lwq.formats.layouts import get_layout
 from lwq.formats.pack import packed_len
-from lwq.models.arch import LINEAR_TYPES, linear_weight
+from lwq.models.arch import LINEAR_TYPES, linear_shape, linear_weight
 from lwq.spec import LayerSpec
 
 Kernel = Callable[[torch.Tensor, "QuantizedLinear"], torch.Tensor]
@@ -150,3 +151,18 @@ def quantized_from_linear(module: nn.Module, qw: QuantizedWeight) -> QuantizedLi
         raise TypeError(f"expected a linear layer, got {type(module).__name__}")
     assert tuple(linear_weight(module).shape) == qw.shape
     return QuantizedLinear.from_quantized(qw, linear_bias(module))
+
+
+def install_empty(model: nn.Module, plan: dict[str, LayerSpec]) -> nn.Module:
+    """Replace every planned linear of ``model`` by an empty ``QuantizedLinear`` of its shape (bias and
+    dtype kept), ready for the checkpoint's tensors; a planned name the model lacks is a ``BadInput``."""
+    for name, spec in plan.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise BadInput(f"checkpoint plans layer {name!r}, which this model has no module for") from None
+        out_f, in_f = linear_shape(module)
+        bias = getattr(module, "bias", None)
+        dtype = (bias if bias is not None else module.weight).dtype
+        replace_linear(model, name, QuantizedLinear.empty(spec, out_f, in_f, bias is not None, dtype))
+    return model
