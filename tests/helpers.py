@@ -81,3 +81,20 @@ def word_text(n: int = 4000, seed: int = 0) -> str:
     """Random text over the tiny tokenizer's vocabulary (``w0``..``w124``)."""
     g = torch.Generator().manual_seed(seed)
     return " ".join(f"w{i}" for i in torch.randint(0, 125, (n,), generator=g).tolist())
+
+
+def rtn_quantized(W: torch.Tensor, spec, seed: int = 0, smooth: torch.Tensor | None = None):
+    """RTN of ``W`` under ``spec`` as a ``QuantizedWeight``; act-order as a random column order (groups
+    formed in that order, as GPTQ does)."""
+    from lwq.backends.base import QuantizedWeight
+    from lwq.backends.quant import group_index, quantize_with, rtn_params
+
+    out_f, in_f = W.shape
+    order = torch.randperm(in_f, generator=torch.Generator().manual_seed(seed)) if spec.act_order \
+        else torch.arange(in_f)
+    qp = rtn_params(W[:, order], spec.bits, spec.group_size, spec.sym)
+    gp = group_index(in_f, spec.group_size)
+    q, gi = torch.empty(out_f, in_f, dtype=torch.int32), torch.empty(in_f, dtype=torch.int32)
+    q[:, order] = quantize_with(W[:, order], qp, gp, spec.bits)
+    gi[order] = gp
+    return QuantizedWeight(spec, q, qp.scale, qp.zero, gi, {} if smooth is None else {"smooth": smooth})

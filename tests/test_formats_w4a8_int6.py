@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import rtn_quantized
 from lwq.backends.base import QuantizedWeight
-from lwq.backends.quant import QParams, dequantize, group_index, quantize_with, rtn_params
+from lwq.backends.quant import QParams, dequantize, group_index
 from lwq.errors import LwqError
 from lwq.formats.bytes import layer_bytes
 from lwq.formats.layouts import get_layout
@@ -14,17 +15,6 @@ from lwq.kernels.w4a8.reference import quantize_activations
 from lwq.spec import LayerSpec, make_spec
 
 
-def make_qw(W: torch.Tensor, spec: LayerSpec, seed: int = 0, smooth: torch.Tensor | None = None) -> QuantizedWeight:
-    """RTN under ``spec``; act-order as a random column order (groups formed in that order, as GPTQ)."""
-    out_f, in_f = W.shape
-    order = torch.randperm(in_f, generator=torch.Generator().manual_seed(seed)) if spec.act_order \
-        else torch.arange(in_f)
-    qp = rtn_params(W[:, order], spec.bits, spec.group_size, spec.sym)
-    gp = group_index(in_f, spec.group_size)
-    q, gi = torch.empty(out_f, in_f, dtype=torch.int32), torch.empty(in_f, dtype=torch.int32)
-    q[:, order] = quantize_with(W[:, order], qp, gp, spec.bits)
-    gi[order] = gp
-    return QuantizedWeight(spec, q, qp.scale, qp.zero, gi, {} if smooth is None else {"smooth": smooth})
 
 
 def expected_weight(qw: QuantizedWeight) -> torch.Tensor:
@@ -46,7 +36,7 @@ SPECS = [
 def test_round_trip_cost_and_empty(spec, shape):
     W = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     smooth = torch.rand(shape[1]) + 0.5 if spec.act_bits == 8 else None
-    qw = make_qw(W, spec, smooth=smooth)
+    qw = rtn_quantized(W, spec, smooth=smooth)
     layout = get_layout(spec.format)
     t = layout.pack(qw)
     nbytes = sum(v.numel() * v.element_size() for v in t.values())
@@ -70,7 +60,7 @@ def test_int6_planes_hold_every_code():
 @pytest.mark.parametrize("spec", [make_spec(6, 64), make_spec(6, 32, sym=True, act_order=True)])
 def test_w6a16_forward_matches_float(spec):
     W = torch.randn(64, 160, generator=torch.Generator().manual_seed(2))
-    qw = make_qw(W, spec, seed=3)
+    qw = rtn_quantized(W, spec, seed=3)
     layout = get_layout("int6")
     t = layout.pack(qw)
     x = torch.randn(5, 160)
@@ -84,7 +74,7 @@ def test_w6a16_forward_matches_float(spec):
 def test_a8_forward_is_activation_quantized_float(spec):
     """The int8-activation forward equals the float product up to the int8 activation error (~1%)."""
     W = torch.randn(64, 192, generator=torch.Generator().manual_seed(4))
-    qw = make_qw(W, spec, seed=5, smooth=torch.rand(192) + 0.5)
+    qw = rtn_quantized(W, spec, seed=5, smooth=torch.rand(192) + 0.5)
     layout = get_layout(spec.format)
     t = layout.pack(qw)
     x = torch.randn(7, 192)
@@ -119,7 +109,7 @@ def test_smoothing_preserves_product_and_helps_outliers():
     layout = get_layout("w4a8")
     errs = []
     for Wq, sm in ((W, None), (Ws, s)):
-        qw = make_qw(Wq, spec, smooth=sm)
+        qw = rtn_quantized(Wq, spec, smooth=sm)
         y = layout.forward(x, layout.pack(qw), spec, (64, 128))
         exact = x @ expected_weight(qw).t()  # isolates the activation quantization error
         errs.append(((y - exact).norm() / exact.norm()).item())
@@ -131,19 +121,19 @@ def test_smoothing_preserves_product_and_helps_outliers():
 
 def test_layouts_refuse_what_they_cannot_store():
     W = torch.randn(32, 64)
-    asym = make_qw(W, LayerSpec(bits=4, group_size=32, sym=False, format="w4a8", act_bits=8))
+    asym = rtn_quantized(W, LayerSpec(bits=4, group_size=32, sym=False, format="w4a8", act_bits=8))
     with pytest.raises(LwqError, match="symmetric"):
         get_layout("w4a8").pack(asym)
-    asym6 = make_qw(W, LayerSpec(bits=6, group_size=32, sym=False, format="int6", act_bits=8))
+    asym6 = rtn_quantized(W, LayerSpec(bits=6, group_size=32, sym=False, format="int6", act_bits=8))
     with pytest.raises(LwqError, match="symmetric"):
         get_layout("int6").pack(asym6)
     spec = make_spec(6, 32)
-    qw = make_qw(W, spec.replace(act_order=True), seed=7)
+    qw = rtn_quantized(W, spec.replace(act_order=True), seed=7)
     qw.spec = spec  # permuted g_idx but act_order=False
     with pytest.raises(LwqError, match="act_order"):
         get_layout("int6").pack(qw)
     with pytest.raises(LwqError, match="4-bit"):
-        get_layout("w4a8").pack(make_qw(W, LayerSpec(bits=6, group_size=32, sym=True, format="w4a8", act_bits=8)))
+        get_layout("w4a8").pack(rtn_quantized(W, LayerSpec(bits=6, group_size=32, sym=True, format="w4a8", act_bits=8)))
 
 
 def test_specs_route_to_these_formats():

@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from lwq.backends.base import QuantizedWeight  # noqa: E402
-from lwq.backends.quant import group_index, quantize_with, rtn_params  # noqa: E402
+from helpers import rtn_quantized  # noqa: E402
+from lwq.backends.quant import group_index  # noqa: E402
 from lwq.errors import BadInput, LwqError  # noqa: E402
 from lwq.formats.layouts import get_layout  # noqa: E402
 from lwq.formats.pack import pack  # noqa: E402
@@ -178,7 +178,7 @@ def quantized(spec: LayerSpec, out_f: int, in_f: int, seed: int = 0):
     from lwq.formats.qlinear import QuantizedLinear
 
     g = torch.Generator().manual_seed(seed)
-    qw = layer_quantized_weight(torch.randn(out_f, in_f, generator=g), spec, seed)
+    qw = rtn_quantized(torch.randn(out_f, in_f, generator=g), spec, seed)
     if spec.act_bits == 8:
         qw.extra["smooth"] = torch.rand(in_f, generator=g) + 0.5
     return QuantizedLinear.from_quantized(qw, torch.randn(out_f, generator=g)).to(DEV)
@@ -267,7 +267,7 @@ def test_fixture_model_same_logits_with_kernels():
         module = model.get_submodule(name)
         W = linear_weight(module).detach().float()
         spec = specs[i % len(specs)]
-        replace_linear(model, name, quantized_from_linear(module, layer_quantized_weight(W, spec, i)))
+        replace_linear(model, name, quantized_from_linear(module, rtn_quantized(W, spec, i)))
     model.to(DEV)
     ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0)).to(DEV)
     chosen = attach_kernels(model, "reference")
@@ -280,14 +280,3 @@ def test_fixture_model_same_logits_with_kernels():
     assert (ref.argmax(-1) == out.argmax(-1)).float().mean() > 0.95
 
 
-def layer_quantized_weight(W: torch.Tensor, spec: LayerSpec, seed: int) -> QuantizedWeight:
-    """RTN of the real weight ``W`` under ``spec`` (act-order as a random column order)."""
-    out_f, in_f = W.shape
-    order = torch.randperm(in_f, generator=torch.Generator().manual_seed(seed)) if spec.act_order \
-        else torch.arange(in_f)
-    qp = rtn_params(W[:, order], spec.bits, spec.group_size, spec.sym)
-    gp = group_index(in_f, spec.group_size)
-    q, gi = torch.empty(out_f, in_f, dtype=torch.int32), torch.empty(in_f, dtype=torch.int32)
-    q[:, order] = quantize_with(W[:, order], qp, gp, spec.bits)
-    gi[order] = gp
-    return QuantizedWeight(spec, q, qp.scale, qp.zero, gi)
