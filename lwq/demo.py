@@ -25,12 +25,18 @@ MARKER = "LWQ_DEMO_OUTPUT.json"
 Log = Callable[[str], None]
 
 
-def _prepare(out: Path, force: bool) -> None:
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an output that is a file, or an existing folder the demo did not write (without force)."""
     if out.exists():
         if not out.is_dir():
             raise BadInput(f"demo output {out} exists and is not a folder")
         if not (out / MARKER).is_file() and not force:
             raise BadInput(f"{out} exists and was not written by `lwq demo`; pass --force or another -o")
+
+
+def _prepare(out: Path, force: bool) -> None:
+    check_output(out, force)
+    if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text(json.dumps({"written_by": "lwq demo"}) + "\n")

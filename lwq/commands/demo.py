@@ -15,8 +15,12 @@ def demo_command(
     json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Build (once, ~2 min) a small Llama trained on the stdlib's docstrings, then run the pipeline."""
-    from lwq.demo import run_demo
+    from pathlib import Path
+
+    from lwq.demo import check_output, run_demo
     from lwq.models.demo import demo_model
+
+    check_output(Path(out).expanduser(), force)  # before minutes of training
 
     log = err_console(quiet or json_out)
     with progress(quiet or json_out) as prog:

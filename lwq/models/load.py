@@ -196,7 +196,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     local = looks_local(name)
-    if not local:
+    if local:
+        read_config(name)  # a missing path or a folder without config.json: the same one line as for the model
+    else:
         ensure_hub(name)
     try:
         return AutoTokenizer.from_pretrained(
