@@ -4,9 +4,11 @@
 ``os.wait4``. ``lwq quantize`` reads the model one block at a time (``lwq.models.lazy``) and streams
 the finished blocks into the checkpoint from its work folder, so its peak should barely move with
 depth; the ``eager`` rows load the whole model first (``quantize_to_checkpoint(lazy=False)``) for
-contrast. Prints a table; writes benchmarks/out/depth.json.
+contrast. The ``plan`` rows run ``lwq quantize --plan`` with a mixed hand-written plan (RTN: 3-bit
+MLPs, 4-bit attention), which is read one block at a time too. Prints a table; writes
+benchmarks/out/depth.json.
 
-    python benchmarks/depth.py [--depths 4,8,16,32] [--methods rtn,gptq,rtn-eager] [--threads 2]
+    python benchmarks/depth.py [--depths 4,8,16,32] [--methods rtn,gptq,plan,rtn-eager] [--threads 2]
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ spec = make_spec(4, 128)
 quantize_to_checkpoint(sys.argv[1], sys.argv[2], lambda m: {n: spec for n in linear_names(m)},
                        load=LoadOptions(device="cpu"), lazy=False)
 """
+MIXED_PLAN = {"version": 1, "default": {"bits": 4, "group_size": 128, "backend": "rtn"},
+              "layers": {"re:.*mlp.*": {"bits": 3}}}
 
 
 def make_model(folder: Path, blocks: int) -> None:
@@ -84,6 +88,7 @@ def main() -> None:
         root = Path(tmp)
         words = " ".join(f"w{(i * 7919) % (VOCAB - 3)}" for i in range(NSAMPLES * SEQLEN * 2))
         (root / "calib.txt").write_text(words)
+        (root / "plan.json").write_text(json.dumps(MIXED_PLAN))
         for depth in depths:
             model = root / f"llama-{depth}"
             subprocess.run([sys.executable, __file__, "--make", str(model), str(depth)], check=True,
@@ -93,6 +98,9 @@ def main() -> None:
                 out = root / f"q-{depth}-{method}"
                 if method == "rtn-eager":
                     argv = ["-c", EAGER, str(model), str(out)]
+                elif method == "plan":
+                    argv = ["-m", "lwq", "quantize", str(model), "-o", str(out), "--plan", str(root / "plan.json"),
+                            "--device", "cpu", "--quiet"]
                 else:
                     argv = ["-m", "lwq", "quantize", str(model), "-o", str(out), "--bits", "4", "--backend", method,
                             "--device", "cpu", "--quiet", "--data", str(root / "calib.txt"),
@@ -110,7 +118,7 @@ def main() -> None:
         mine = {r["blocks"]: r["peak_rss_mib"] for r in rows if r["method"] == method}
         if min(depths) in mine and max(depths) in mine:
             growth[method] = round(mine[max(depths)] / mine[min(depths)] - 1, 4)
-    print(f"\n| blocks | method | model MiB | peak RSS MiB | seconds | checkpoint MiB |\n|---|---|---|---|---|---|")
+    print("\n| blocks | method | model MiB | peak RSS MiB | seconds | checkpoint MiB |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['blocks']} | {r['method']} | {r['model_mib']} | {r['peak_rss_mib']} | {r['seconds']} | "
               f"{r['checkpoint_mib']} |")

@@ -107,7 +107,6 @@ def peak_bandwidth(device: torch.device) -> float:
     a = torch.empty(2**30, dtype=torch.float16, device=device)
     b = torch.empty_like(a)
     ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300)
-    del a, b
     return 2 * 2**31 / (ms * 1e-3)
 
 

@@ -27,7 +27,7 @@ from lwq.allocate.plan import Plan, plan_from_allocation
 from lwq.allocate.recipes import Recipe
 from lwq.backends.quant import rtn_fake_quant
 from lwq.errors import BadInput
-from lwq.models.arch import LINEAR_TYPES, arch_for, linear_names, linear_shape, linear_weight
+from lwq.models.arch import LINEAR_TYPES, arch_for, get_blocks, linear_names, linear_shape, linear_weight
 from lwq.spec import LayerSpec
 
 Progress = Callable[[int, int], None]
@@ -50,28 +50,32 @@ def _block_of(linear: str, blocks: str) -> str:
 
 
 def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list[Any], db: Any = None,
-                    on_step: Progress | None = None) -> tuple[list[Any], Any]:
+                    on_step: Progress | None = None, measure: Any = None) -> tuple[list[Any], Any]:
     """Fill every candidate's error with its measured KL (see module docstring); entries already in
-    ``db`` (an ``ErrorDB`` for this model and data) are reused. Returns the layers and the database."""
+    ``db`` (an ``ErrorDB`` for this model and data) are reused. ``measure(model, samples, tasks,
+    on_step)`` runs the missing ``lwq.measure.MeasureTask``s (default ``measure_local``; see
+    ``measure_parallel`` for several devices). Returns the layers and the database."""
     from lwq.allocate.candidates import ErrorDB, db_errors, spec_key
-    from lwq.score.sensitivity import sensitivity_scores
+    from lwq.measure import make_tasks, measure_local
 
     entries = {n: dict(e) for n, e in (db.entries if db is not None else {}).items()}
-    specs = list(dict.fromkeys(c.spec for lc in layers for c in lc.candidates))
-    todo = [sp for sp in specs if sp.bits < 16 and any(spec_key(sp) not in entries.get(lc.name, {}) for lc in layers)]
+    todo: dict[LayerSpec, list[str]] = {}
+    for lc in layers:
+        for c in lc.candidates:
+            if c.spec.bits < 16 and spec_key(c.spec) not in entries.get(lc.name, {}):
+                todo.setdefault(c.spec, []).append(lc.name)
     if todo and samples is None:
         raise BadInput("the sensitivity estimate measures real loss: pass --data PATH")
     samples = samples[:MEASURE_SAMPLES] if samples is not None else None
-    for k, sp in enumerate(todo):
-        kl = sensitivity_scores(model, samples, "linear", bits=sp.bits, group_size=sp.group_size, sym=sp.sym)
-        for name, v in kl.items():
-            entries.setdefault(name, {})[spec_key(sp)] = max(float(v), 0.0)
-        if on_step is not None:
-            on_step(k + 1, len(todo))
-    for sp in specs:
-        if sp.bits >= 16:
-            for lc in layers:
-                entries.setdefault(lc.name, {})[spec_key(sp)] = 0.0
+    blocks = arch_for(model).blocks
+    tasks = make_tasks(todo, lambda n: int(n[len(blocks) + 1:].split(".", 1)[0]), len(get_blocks(model)))
+    measured = (measure or measure_local)(model, samples, tasks, on_step)
+    for name, values in measured.items():
+        entries.setdefault(name, {}).update(values)
+    for lc in layers:
+        for c in lc.candidates:
+            if c.spec.bits >= 16:
+                entries.setdefault(lc.name, {})[spec_key(c.spec)] = 0.0
     meta = dict(db.meta) if db is not None else {}
     if samples is not None:
         meta.update({"metric": "kl", "nsamples": int(samples.shape[0]), "seqlen": int(samples.shape[1])})
@@ -80,7 +84,7 @@ def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list
 
 
 def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, stats: Any = None,
-                on_step: Progress | None = None, db: Any = None) -> tuple[list[Any], Any]:
+                on_step: Progress | None = None, db: Any = None, measure: Any = None) -> tuple[list[Any], Any]:
     """Candidates per layer with their exact costs and the recipe scorer's error estimates; also the
     measured-error database when the scorer is ``sensitivity`` (else None)."""
     from lwq.calib.stats import collect_stats
@@ -90,7 +94,7 @@ def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, 
     layers = make_candidates(shapes, recipe.bits, recipe.backend, recipe.group_size, recipe.sym, recipe.act_bits)
     scorer = SCORERS.get(recipe.scorer)
     if recipe.scorer == "sensitivity":
-        return measured_errors(model, samples, layers, db, on_step)
+        return measured_errors(model, samples, layers, db, on_step, measure)
     device = next(model.parameters()).device
     if stats is None and scorer.needs & {"stats", "hessians"}:
         if samples is None:
@@ -176,14 +180,15 @@ def solver_options(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
 
 def plan_model(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, seed: int = 0, stats: Any = None,
                on_step: Progress | None = None, meta: Mapping[str, Any] | None = None,
-               db: Any = None) -> tuple[Plan, Any]:
+               db: Any = None, measure: Any = None) -> tuple[Plan, Any]:
     """The plan for ``model`` under ``recipe.budget`` (see module docstring), and the measured-error
-    database when one was used (pass it back as ``db`` to plan other budgets without measuring again)."""
+    database when one was used (pass it back as ``db`` to plan other budgets without measuring again).
+    ``measure``: how missing measurements run (``measured_errors``)."""
     if recipe.budget is None:
         raise BadInput("no budget given: pass --budget (e.g. 3.25bit, 4GB, 0.25x) or a recipe with one")
     if not any(isinstance(m, LINEAR_TYPES) for m in model.modules()):
         raise BadInput("the model has no linear layers to plan")
-    layers, db = error_table(model, samples, recipe, stats, on_step, db)
+    layers, db = error_table(model, samples, recipe, stats, on_step, db, measure)
     shapes = model_shapes(model)
     alloc = allocate(layers, recipe.budget, rest_bytes(model, shapes), recipe.solver,
                      **solver_options(model, recipe, samples, seed))

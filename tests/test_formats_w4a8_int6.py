@@ -141,3 +141,54 @@ def test_specs_route_to_these_formats():
     assert make_spec(6, 128).format == "int6" and make_spec(6, 128, act_bits=8).format == "int6"
     # 6-bit weights cost 6 bits per weight plus scales (g128, sym, W6A16): 6 + 16/128 bits
     assert layer_bytes(4096, 4096, make_spec(6, 128, sym=True)) * 8 / 4096**2 == pytest.approx(6 + 16 / 128)
+
+
+def test_smoothing_hook_strengths_and_off():
+    from lwq.errors import BadInput
+    from lwq.formats.w4a8 import smoothing
+
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(32, 64, generator=g)
+    absmax = torch.rand(64, generator=g) * 10 + 0.1
+    a8, a16 = make_spec(4, 32, act_bits=8), make_spec(4, 32)
+    assert smoothing(None)("l", W, absmax, a8) == (W, {})
+    for alpha in (0.0, 0.5, 0.8, 1.0):
+        Ws, extra = smoothing(alpha)("l", W, absmax, a8)
+        assert torch.equal(extra["smooth"], smooth_factors(absmax, W, alpha))
+        assert torch.equal(Ws, W * extra["smooth"][None, :])
+        assert smoothing(alpha)("l", W, absmax, a16) == (W, {})
+    s5, s8 = (smoothing(a)("l", W, absmax, a8)[1]["smooth"] for a in (0.5, 0.8))
+    assert not torch.equal(s5, s8)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(BadInput, match="alpha"):
+            smoothing(bad)
+
+
+def test_cli_smooth_alpha_reaches_the_checkpoint(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from helpers import save_tiny, word_text
+    from lwq.cli import run
+
+    model = save_tiny(tmp_path / "m", "llama")
+    (tmp_path / "calib.txt").write_text(word_text(2000))
+    base = ["quantize", str(model), "--bits", "4", "--act-bits", "8", "--sym", "--group-size", "32",
+            "--data", str(tmp_path / "calib.txt"), "--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--json"]
+    smooth = {}
+    for alpha in ("off", "0.5", "0.8"):
+        out = tmp_path / f"q-{alpha}"
+        assert run([*base, "-o", str(out), "--smooth-alpha", alpha]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["smooth_alpha"] == (None if alpha == "off" else float(alpha))
+        tensors = {}
+        for f in out.glob("*.safetensors"):
+            tensors.update(load_file(str(f)))
+        smooth[alpha] = {k: v.float() for k, v in tensors.items() if k.endswith(".smooth")}
+        assert len(smooth[alpha]) == 14  # 2 blocks x 7 linears
+    assert all(torch.equal(v, torch.ones_like(v)) for v in smooth["off"].values())
+    assert all(not torch.equal(smooth["0.5"][k], torch.ones_like(v)) for k, v in smooth["off"].items())
+    assert any(not torch.equal(smooth["0.5"][k], smooth["0.8"][k]) for k in smooth["off"])
+    assert run([*base, "-o", str(tmp_path / "bad"), "--smooth-alpha", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --smooth-alpha") and "\n" not in err and not (tmp_path / "bad").exists()

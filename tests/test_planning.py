@@ -107,7 +107,7 @@ def test_error_db_is_reused_without_measuring(tiny, tmp_path, capsys, monkeypatc
     def no_measuring(*_a, **_k):
         raise AssertionError("measured again although the database holds every candidate")
 
-    monkeypatch.setattr("lwq.score.sensitivity.sensitivity_scores", no_measuring)
+    monkeypatch.setattr("lwq.score.sensitivity.SensitivityProbe", no_measuring)
     assert plan_cli(tiny, tmp_path / "b.json", "--budget", "3.5bit", "--error-db", str(dbf)) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["layers"] == first["layers"]
@@ -146,7 +146,7 @@ def test_plan_model_api_returns_reusable_db(monkeypatch):
     def no_measuring(*_a, **_k):
         raise AssertionError("measured again although the database holds every candidate")
 
-    monkeypatch.setattr("lwq.score.sensitivity.sensitivity_scores", no_measuring)
+    monkeypatch.setattr("lwq.score.sensitivity.SensitivityProbe", no_measuring)
     plan2, db2 = plan_model(model, samples, Recipe(budget="3.25bit", bits=(2, 3, 4)), db=db)
     assert plan2.specs == plan.specs and db2.entries == db.entries
     plan3, _ = plan_model(model, samples, Recipe(budget="2.9bit", bits=(2, 3, 4)), db=db)
@@ -158,6 +158,10 @@ def test_plan_model_api_returns_reusable_db(monkeypatch):
 def quantize_cli(tiny, out, *extra):
     return run(["quantize", str(tiny / "model"), "-o", str(out), "--data", str(tiny / "calib.txt"), "--json",
                 *SMALL, *extra])
+
+
+def shard_bytes(folder):
+    return {f.name: f.read_bytes() for f in sorted(folder.glob("*.safetensors"))}
 
 
 def specs_of(folder):
@@ -175,8 +179,12 @@ def test_quantize_budget_then_plan_reproduces_and_hand_edits_apply(tiny, tmp_pat
 
     again = tmp_path / "q2"
     assert quantize_cli(tiny, again, "--plan", str(out / "plan.json")) == 0, capsys.readouterr().err
-    assert json.loads(capsys.readouterr().out)["bits_per_weight"] == pytest.approx(doc["bits_per_weight"])
+    redo = json.loads(capsys.readouterr().out)
+    assert redo["bits_per_weight"] == pytest.approx(doc["bits_per_weight"])
     assert specs_of(again) == specs_of(out)
+    # a --plan run reads one block at a time (no planning needs the whole model) and writes the same bytes
+    assert doc["loader"] == "eager" and redo["loader"] == "lazy"
+    assert shard_bytes(again) == shard_bytes(out)
 
     name = next(iter(plan["layers"]))
     new_bits = 8 if plan["layers"][name]["bits"] != 8 else 2

@@ -13,6 +13,7 @@ JSON_OPT = typer.Option(False, "--json", help="Print one JSON document on stdout
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress bars or logs.")
 DTYPE_OPT = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, the model's half type on GPU), float32, float16, bfloat16.")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
+DEVICES_OPT = typer.Option(None, "--devices", help="Measure the planning error database on several devices at once, one worker process each: cuda:0,cuda:1 or all (every visible GPU).")
 TRUST_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code (off by default).")
 
 

@@ -11,10 +11,11 @@ from rich.table import Table
 from lwq.allocate.plan import Plan, plan_to_dict, save_plan
 from lwq.commands.common import (
     BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, TIE_OPT, CALIB_OPT, DATA_OPT,
-    DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
+    DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
 )
 from lwq.commands.quantize import budget_recipe
 from lwq.errors import BadInput
+from lwq.measure import parse_devices
 from lwq.pipeline import LoadOptions, plan_for_model
 from lwq.ui import err_console, out_console, progress
 
@@ -41,8 +42,8 @@ def plan_command(
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of bits per layer."),
     force: bool = typer.Option(False, "--force", help="Replace an existing plan file."),
-    dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, trust_remote_code: bool = TRUST_OPT,
-    json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
+    dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, devices: Optional[str] = DEVICES_OPT,
+    trust_remote_code: bool = TRUST_OPT, json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Plan bits per layer of MODEL under a budget; the plan is JSON you can edit and pass to `lwq quantize --plan`."""
     if Path(output).exists() and not force:
@@ -52,13 +53,15 @@ def plan_command(
             raise BadInput(f"{name} must be positive, got {val}")
     recipe = budget_recipe(config, budget, solver, scorer, candidate_bits, backend, group_size, sym, act_bits,
                            nsamples, seqlen, data, tie)
+    workers = parse_devices(devices)
     if recipe.budget is None:
         raise BadInput("no budget: pass --budget (e.g. 3.25bit, 4GB, 0.25x) or a --config recipe with one")
     with progress(quiet or json_out) as prog:
         task = prog.add_task(f"planning ({recipe.solver}, {recipe.scorer})", total=None)
         plan, _ = plan_for_model(model, recipe, recipe.data, recipe.nsamples, recipe.seqlen, seed,
                                  LoadOptions(dtype, device, trust_remote_code), text_field, calib,
-                                 lambda i, n: prog.update(task, completed=i, total=n), error_db=error_db)
+                                 lambda i, n: prog.update(task, completed=i, total=n), error_db=error_db,
+                                 devices=workers)
     save_plan(plan, output)
     if plot:
         from lwq.allocate.plot import plot_bits

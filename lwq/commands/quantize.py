@@ -8,10 +8,11 @@ from rich.table import Table
 
 from lwq.commands.common import (
     BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, TIE_OPT, CALIB_OPT, DATA_OPT,
-    DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
+    DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
 )
 from lwq.allocate.recipes import Recipe, load_recipe, merge, parse_bits
 from lwq.errors import BadInput, LwqError
+from lwq.measure import parse_devices
 from lwq.models.arch import linear_names
 from lwq.pipeline import LoadOptions, quantize_to_checkpoint, quantize_with_budget
 from lwq.spec import LayerSpec, make_spec
@@ -58,6 +59,7 @@ def quantize_command(
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="rtn (default with --bits), rtn-mse, gptq (default with --budget), bnb-nf4, bnb-fp4, bnb-int8."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (int8 activations: W4A8/W6A8)."),
+    smooth_alpha: str = typer.Option("0.5", "--smooth-alpha", help="Int8-activation layers: SmoothQuant migration strength in [0, 1] (default 0.5), or off."),
     data: Optional[str] = DATA_OPT,
     nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 2048, capped at the model's context)."),
@@ -65,8 +67,8 @@ def quantize_command(
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder (only once the new one is complete); discard an unfinished run's OUT.partial."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished block (same arguments; progress is kept in OUT.partial)."),
-    dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, trust_remote_code: bool = TRUST_OPT,
-    json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
+    dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, devices: Optional[str] = DEVICES_OPT,
+    trust_remote_code: bool = TRUST_OPT, json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Quantize MODEL's decoder-block linears: uniformly (--bits), under a budget (--budget or a
     --config recipe: calibrate, score, plan, quantize), or by a plan file (--plan); write a checkpoint."""
@@ -77,6 +79,10 @@ def quantize_command(
         if val is not None and val < 1:
             raise BadInput(f"{name} must be positive, got {val}")
     load = LoadOptions(dtype, device, trust_remote_code)
+    workers = parse_devices(devices)
+    alpha = parse_alpha(smooth_alpha)
+    if workers and budget is None and config is None:
+        raise BadInput("--devices spreads planning measurements over devices: it needs --budget or a --config recipe")
     if bits is None:
         recipe = budget_recipe(config, budget, solver, scorer, candidate_bits, backend, group_size, sym, act_bits,
                                nsamples, seqlen, data, tie)
@@ -86,7 +92,8 @@ def quantize_command(
             task = prog.add_task("plan and quantize", total=None)
             step = lambda i, n: prog.update(task, completed=i, total=n)  # noqa: E731
             res = quantize_with_budget(model, output, recipe, recipe.data, recipe.nsamples, recipe.seqlen, seed, load,
-                                       force, text_field, calib, step, step, plan=plan_file, resume=resume)
+                                       force, text_field, calib, step, step, plan=plan_file, resume=resume,
+                                       devices=workers, smooth_alpha=alpha)
         _finish(res.summary, recipe.budget, json_out)
         return
     if config is not None:
@@ -98,9 +105,22 @@ def quantize_command(
         res = quantize_to_checkpoint(
             model, output, lambda m: {n: spec for n in linear_names(m)}, data, nsamples, seqlen, seed,
             load, force, text_field, on_block=lambda i, n: prog.update(task, completed=i, total=n),
-            resume=resume, lazy=True,
+            resume=resume, lazy=True, smooth_alpha=alpha,
         )
     _finish(res.summary, None, json_out)
+
+
+def parse_alpha(text: str) -> float | None:
+    """``--smooth-alpha``: a number in [0, 1], or ``off``/``none`` (no smoothing)."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadInput(f"--smooth-alpha: expected a number in [0, 1] or off, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise BadInput(f"--smooth-alpha: must be in [0, 1], got {text!r}")
+    return value
 
 
 def budget_recipe(config: str | None, budget: str | None, solver: str | None, scorer: str | None,

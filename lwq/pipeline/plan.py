@@ -1,7 +1,7 @@
 """Plan a model's bits per layer under a budget (``lwq.planning`` does the work)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from lwq.models.load import load_model
 from lwq.pipeline.common import LoadOptions, Progress, calib_batches as _calib_batches, source_name as _source_name
@@ -11,12 +11,15 @@ def plan_for_model(
     model_name: str, recipe: Any, data: str | None, nsamples: int, seqlen: int, seed: int = 0,
     load: LoadOptions = LoadOptions(), text_field: str = "text", calib: str | None = None,
     on_step: Progress | None = None, model: Any = None, error_db: str | None = None, samples: Any = None,
+    devices: Sequence[str] = (),
 ) -> tuple[Any, Any]:
     """Load ``model_name`` (unless ``model`` is given) and plan it under ``recipe`` (``lwq.planning``).
 
     Calibration windows come from ``data`` when the scorer or solver needs them; ``calib`` reuses the
     statistics of an ``lwq calibrate`` folder instead of collecting them; ``error_db``: a JSON file of
-    measured errors reused when present and written after measuring. Returns ``(plan, model)``."""
+    measured errors reused when present and written after measuring; ``devices``: two or more devices
+(``lwq.measure.parse_devices``) measure the error database in parallel, one worker process each
+(one device: planning runs there). Returns ``(plan, model)``."""
     from pathlib import Path
 
     from lwq.allocate.candidates import load_error_db, save_error_db
@@ -29,10 +32,15 @@ def plan_for_model(
     from lwq.score import SCORERS
 
     scorer = SCORERS.get(recipe.scorer)
-    dev = resolve_device(load.device)
+    dev = resolve_device(devices[0] if devices else load.device)
+    dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
     if model is None:
-        dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+    measure = None
+    if len(devices) > 1:
+        from lwq.measure import ModelSource, parallel_measure
+
+        measure = parallel_measure(ModelSource(model_name, dtype, load.trust_remote_code), devices)
     stats = load_calib(calib, model) if calib else None
     wants_samples = recipe.solver == "search" or "samples" in scorer.needs or (
         stats is None and scorer.needs & {"stats", "hessians"})
@@ -48,7 +56,7 @@ def plan_for_model(
     try:
         plan, db = plan_model(model, samples, recipe, seed, stats, on_step,
                               meta={"model": _source_name(model_name), "data": data, "seed": seed,
-                                    "nsamples": nsamples, "seqlen": seqlen}, db=db)
+                                    "nsamples": nsamples, "seqlen": seqlen}, db=db, measure=measure)
     finally:
         model.to("cpu")
     if error_db and db is not None:

@@ -23,6 +23,7 @@ def quantize_to_checkpoint(
     on_block: Callable[[int, int], None] | None = None, pre_quantize: Any = None, model: Any = None,
     extra_files: dict[str, Any] | None = None, extra_summary: dict[str, Any] | None = None,
     resume: bool = False, lazy: bool = False, work: Any = None, batches: Any = None,
+    smooth_alpha: float | None = 0.5,
 ) -> QuantizeResult:
     """Load ``model_name``, quantize it under ``plan`` (a dict name -> LayerSpec, or a function of the
     loaded model returning one) block by block, and write the checkpoint to ``out``.
@@ -37,7 +38,8 @@ def quantize_to_checkpoint(
     it; it is removed on success. ``lazy``: read the model one block at a time from its safetensors
     files (``lwq.models.lazy``; falls back to a full load when the model cannot be read that way) so
     memory stays about one block whatever the depth; the returned model's blocks are then left on
-    ``meta``. ``work``: a ``WorkFolder`` already claimed by the caller."""
+    ``meta``. ``work``: a ``WorkFolder`` already claimed by the caller. ``smooth_alpha``: SmoothQuant
+    strength for int8-activation layers (``None``: no smoothing), unless ``pre_quantize`` is given."""
     import time
     from pathlib import Path
 
@@ -87,9 +89,14 @@ def quantize_to_checkpoint(
         else:
             batches = calibration_samples(tok, data, nsamples, seqlen, seed, text_field)
     nblocks = len(get_blocks(model))
+    if pre_quantize is None and any(sp.act_bits == 8 for sp in layer_plan.values()):
+        from lwq.formats.w4a8 import smoothing
+
+        pre_quantize = smoothing(smooth_alpha)
     start = work.start(fingerprint(model=model_identity(model_name), plan=plan_digest(layer_plan), data=data,
                                    text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype,
-                                   device=dev.type, calibration=tensor_digest(batches), blocks=nblocks))
+                                   device=dev.type, calibration=tensor_digest(batches), blocks=nblocks,
+                                   smooth_alpha=smooth_alpha if pre_quantize is not None else None))
     torch.manual_seed(seed)
     inputs = resume_inputs(model, work, layer_plan, batches, dev, loader is None) if start else None
     prefix = arch_for(model).blocks
@@ -125,6 +132,7 @@ def quantize_to_checkpoint(
         "source": model_name, "output": str(Path(out).expanduser().resolve()), "backend": uniform("backend"),
         "bits": uniform("bits"), "group_size": uniform("group_size"), "sym": uniform("sym"),
         "act_bits": uniform("act_bits"), "act_order": uniform("act_order"), "format": uniform("format"),
+        "smooth_alpha": smooth_alpha if any(sp.act_bits == 8 for sp in specs) else None,
         "bits_per_weight": 8.0 * qbytes / numel, "quantized_bytes": qbytes, "quantized_params": numel,
         "num_layers": len(layer_plan), "num_blocks": nblocks, "device": str(dev),
         "calibration": None if batches is None else {"data": data, "nsamples": int(batches.shape[0]),
@@ -145,12 +153,14 @@ def quantize_with_budget(
     model_name: str, out: str, recipe: Any, data: str | None, nsamples: int, seqlen: int, seed: int = 0,
     load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text", calib: str | None = None,
     on_step: Progress | None = None, on_block: Progress | None = None, plan: Any = None,
-    error_db: str | None = None, resume: bool = False,
+    error_db: str | None = None, resume: bool = False, devices: Any = (), smooth_alpha: float | None = 0.5,
 ) -> QuantizeResult:
     """Plan (unless ``plan`` is given: a path of a plan JSON file, checked against the model and
     repriced) then quantize and write the checkpoint, with ``plan.json`` inside it. The summary
     reports the plan's budget and solver. ``resume``: continue an interrupted run (see
-    ``quantize_to_checkpoint``); a plan made by the interrupted run is reused, not made again."""
+    ``quantize_to_checkpoint``); a plan made by the interrupted run is reused, not made again.
+    ``devices``: several devices measure the planning error database in parallel (``plan_for_model``);
+    ``smooth_alpha`` as in ``quantize_to_checkpoint``."""
     from dataclasses import asdict
 
     from lwq.allocate.plan import load_plan, plan_from_dict, plan_to_dict, reprice
@@ -167,17 +177,18 @@ def quantize_with_budget(
 
     dtype = str(resolve_dtype(load.dtype, resolve_device(load.device))).replace("torch.", "")
     batches = None
+    shapes = None  # a copy of the model for names and shapes, blocks on meta when it can be read lazily
     if isinstance(plan, str):
-        model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
-        plan = reprice(load_plan(plan, linear_names(model)), model_shapes(model))
+        shapes = _shapes_model(model_name, dtype, load)
+        plan = reprice(load_plan(plan, linear_names(shapes)), model_shapes(shapes))
     if plan is None:
         planning = fingerprint(model=model_identity(model_name), recipe=asdict(recipe), data=data, nsamples=nsamples,
                                seqlen=seqlen, seed=seed, text_field=text_field, calib=calib, dtype=dtype,
                                device=resolve_device(load.device).type)
         saved = work.saved_plan(planning)
         if saved is not None:
-            model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
-            plan = plan_from_dict(saved, linear_names(model), str(work.path / "plan.json"))
+            shapes = _shapes_model(model_name, dtype, load)
+            plan = plan_from_dict(saved, linear_names(shapes), str(work.path / "plan.json"))
         else:
             if data is None or data == SELF_DATA:  # sample the model's own text once, for planning and GPTQ
                 data = SELF_DATA
@@ -186,19 +197,35 @@ def quantize_with_budget(
                 seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
                 batches = calib_batches(model_name, data, nsamples, seqlen, seed, load, text_field, model)
             plan, model = plan_for_model(model_name, recipe, data, nsamples, seqlen, seed, load, text_field, calib,
-                                         on_step, model=model, error_db=error_db, samples=batches)
+                                         on_step, model=model, error_db=error_db, samples=batches,
+                                         devices=devices)
             work.save_plan(planning, plan_to_dict(plan))
     cap = None
     if plan.budget is not None:
         from lwq.allocate.budget import budget_bytes, parse_budget
         from lwq.planning import rest_bytes
 
-        cap = budget_bytes(parse_budget(plan.budget), list(plan.layers.values()),
-                           rest_bytes(model, model_shapes(model)))
+        ref = model if model is not None else shapes
+        cap = budget_bytes(parse_budget(plan.budget), list(plan.layers.values()), rest_bytes(ref, model_shapes(ref)))
     extra = {"budget": plan.budget, "solver": plan.solver, "scorer": plan.scorer,
              "planned_bits_per_weight": plan.bits_per_weight, "budget_bytes": cap}
     res = quantize_to_checkpoint(model_name, out, lambda _m: plan.specs, data, nsamples, seqlen, seed, load, force,
                                  text_field, on_block, model=model, extra_files={"plan.json": plan_to_dict(plan)},
-                                 extra_summary=extra, resume=resume, work=work, batches=batches)
+                                 extra_summary=extra, resume=resume, work=work, batches=batches,
+                                 lazy=model is None, smooth_alpha=smooth_alpha)
     res.summary["budget_exceeded"] = cap is not None and res.summary["quantized_bytes"] > cap
     return res
+
+
+def _shapes_model(model_name: str, dtype: str, load: LoadOptions) -> Any:
+    """``model_name`` with its blocks on ``meta`` (``load_lazy``): enough for names, shapes and sizes,
+    and the quantization that follows reads one block at a time. A model that cannot be read that
+    way (hub id, custom code) is loaded whole."""
+    from lwq.models.lazy import LazyUnsupported, load_lazy
+
+    if not load.trust_remote_code:
+        try:
+            return load_lazy(model_name, dtype, "cpu")[0]
+        except LazyUnsupported:
+            pass  # the eager load below is the documented fallback
+    return load_model(model_name, dtype, "cpu", load.trust_remote_code)

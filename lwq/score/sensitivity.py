@@ -65,7 +65,64 @@ def _restore(modules: list[nn.Module], saved: list[torch.Tensor]) -> None:
         mod.weight.copy_(orig)
 
 
-@torch.no_grad()
+class SensitivityProbe:
+    """The cached full-precision state of one model on one set of samples: block inputs, final
+    hidden states and reference logits (computed once), so any number of trials can follow.
+    ``units(granularity)`` names what can be quantized alone; ``measure(names, ...)`` scores them."""
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, samples: torch.Tensor, metric: str = "kl", batch_size: int = 8) -> None:
+        self.model, self.metric = model, metric
+        self.spec = arch_for(model)
+        self.blocks = get_blocks(model, self.spec)
+        self.device = next(model.parameters()).device
+        self.chunks = [samples[i:i + batch_size] for i in range(0, samples.shape[0], batch_size)]
+        self.first = capture_block_inputs(model, self.chunks, self.device, self.spec, store="cpu")
+        self.inputs, final = _cache_inputs(model, self.first, self.device)
+        self.ref_logits = [head_logits(model, h.to(self.device), self.spec).cpu() for h in final]
+        self.n_pos = sum(_positions(c, metric) for c in self.chunks)
+
+    def units(self, granularity: str = "block") -> dict[str, tuple[int, list[str]]]:
+        """Unit name -> (block index, linears relative to the block), in model order."""
+        out: dict[str, tuple[int, list[str]]] = {}
+        for i in range(len(self.blocks)):
+            prefix = f"{self.spec.blocks}.{i}"
+            if granularity == "block":
+                out[prefix] = (i, list(self.spec.linears))
+            else:
+                out.update({f"{prefix}.{rel}": (i, [rel]) for rel in self.spec.linears})
+        return out
+
+    @torch.no_grad()
+    def measure(self, names: list[str], granularity: str = "block", bits: int = DEFAULT_BITS, group_size: int = 128,
+                sym: bool = False, on_step: Callable[[int, int], None] | None = None) -> Scores:
+        """Per-token divergence of each unit in ``names`` quantized alone (weights restored after each)."""
+        units = self.units(granularity)
+        unknown = [n for n in names if n not in units]
+        if unknown:
+            raise KeyError(f"not a {granularity} of this model: {unknown[0]}")
+        scores: Scores = {}
+        for step, name in enumerate(names):
+            i, rels = units[name]
+            mods = [self.blocks[i].get_submodule(r) for r in rels]
+            saved = _quantize_in_place(mods, bits, group_size, sym)
+            try:
+                total = torch.zeros((), dtype=torch.float64)
+                for j, ids in enumerate(self.chunks):
+                    h = self.inputs[i][j].to(self.device)
+                    for k in range(i, len(self.blocks)):
+                        h = run_block(self.blocks[k], h, self.first.kwargs[j])
+                    logits = head_logits(self.model, h, self.spec)
+                    total += divergence(self.ref_logits[j].to(self.device), logits, ids.to(self.device),
+                                        self.metric).double().cpu()
+            finally:
+                _restore(mods, saved)
+            scores[name] = float(total) / self.n_pos
+            if on_step is not None:
+                on_step(step + 1, len(names))
+        return scores
+
+
 def sensitivity_scores(
     model: nn.Module, samples: torch.Tensor, granularity: str = "block", bits: int = DEFAULT_BITS,
     group_size: int = 128, sym: bool = False, metric: str = "kl", batch_size: int = 8,
@@ -73,39 +130,8 @@ def sensitivity_scores(
 ) -> Scores:
     """Per-token divergence (see module docstring) caused by quantizing each block or linear alone.
     Runs on the device of ``model``'s parameters; ``samples`` are token ids (nsamples, seqlen)."""
-    spec = arch_for(model)
-    blocks = get_blocks(model, spec)
-    device = next(model.parameters()).device
-    chunks = [samples[i:i + batch_size] for i in range(0, samples.shape[0], batch_size)]
-    first = capture_block_inputs(model, chunks, device, spec, store="cpu")
-    inputs, final = _cache_inputs(model, first, device)
-    ref_logits = [head_logits(model, h.to(device), spec).cpu() for h in final]
-    units: list[tuple[int, str, list[str]]] = []
-    for i in range(len(blocks)):
-        prefix = f"{spec.blocks}.{i}"
-        if granularity == "block":
-            units.append((i, prefix, list(spec.linears)))
-        else:
-            units.extend((i, f"{prefix}.{rel}", [rel]) for rel in spec.linears)
-    n_pos = sum(_positions(c, metric) for c in chunks)
-    scores: Scores = {}
-    for step, (i, name, rels) in enumerate(units):
-        mods = [blocks[i].get_submodule(r) for r in rels]
-        saved = _quantize_in_place(mods, bits, group_size, sym)
-        try:
-            total = torch.zeros((), dtype=torch.float64)
-            for j, ids in enumerate(chunks):
-                h = inputs[i][j].to(device)
-                for k in range(i, len(blocks)):
-                    h = run_block(blocks[k], h, first.kwargs[j])
-                logits = head_logits(model, h, spec)
-                total += divergence(ref_logits[j].to(device), logits, ids.to(device), metric).double().cpu()
-        finally:
-            _restore(mods, saved)
-        scores[name] = float(total) / n_pos
-        if on_step is not None:
-            on_step(step + 1, len(units))
-    return scores
+    probe = SensitivityProbe(model, samples, metric, batch_size)
+    return probe.measure(list(probe.units(granularity)), granularity, bits, group_size, sym, on_step)
 
 
 def _run(inputs: ScoreInputs, cfg: ScoreConfig) -> Scores:

@@ -1,0 +1,191 @@
+"""The measured-error database, on one device or spread over several.
+
+Measuring a candidate = quantizing one linear alone at one spec and recording the next-token KL
+divergence to the full model (``lwq.score.sensitivity.SensitivityProbe``). The work is cut into
+tasks of one spec and one block's linears; a trial in block ``i`` runs blocks ``i..N-1``, so tasks
+are handed out largest first. ``measure_local`` runs them in this process; ``measure_parallel``
+starts one worker process per device (``spawn``), each with its own copy of the model on its
+device, pulling tasks from a shared queue (data parallel: every GPU holds the model; planning a
+model larger than one GPU needs ``--device cpu`` or fewer, larger GPUs). Results do not depend on
+how tasks were spread: every task measures against the same cached reference on the same samples.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from lwq.errors import BadInput, LwqError
+from lwq.spec import LayerSpec
+
+Progress = Callable[[int, int], None]
+Entries = dict[str, dict[str, float]]
+POLL_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class MeasureTask:
+    """Measure ``names`` (linears of block ``block``) each quantized alone at ``spec``."""
+
+    spec: LayerSpec
+    block: int
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How a worker loads its own copy of the model."""
+
+    name: str
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+def make_tasks(todo: Mapping[LayerSpec, Sequence[str]], block_of: Callable[[str], int], nblocks: int) -> list[MeasureTask]:
+    """Tasks of one spec and one block's linears, most expensive (earliest block, most linears) first."""
+    tasks = []
+    for spec, names in todo.items():
+        by_block: dict[int, list[str]] = {}
+        for n in names:
+            by_block.setdefault(block_of(n), []).append(n)
+        tasks.extend(MeasureTask(spec, b, tuple(ns)) for b, ns in by_block.items())
+    return sorted(tasks, key=lambda t: -(nblocks - t.block) * len(t.names))
+
+
+def run_task(probe: Any, task: MeasureTask) -> dict[str, float]:
+    """The KL of every linear of ``task`` (clamped at 0: tiny negative values are float noise)."""
+    sp = task.spec
+    kl = probe.measure(list(task.names), "linear", bits=sp.bits, group_size=sp.group_size, sym=sp.sym)
+    return {n: max(float(v), 0.0) for n, v in kl.items()}
+
+
+def measure_local(model: torch.nn.Module, samples: torch.Tensor, tasks: Sequence[MeasureTask],
+                  on_step: Progress | None = None) -> Entries:
+    """Run ``tasks`` on ``model`` where it is; returns name -> spec key -> KL."""
+    from lwq.allocate.candidates import spec_key
+    from lwq.score.sensitivity import SensitivityProbe
+
+    entries: Entries = {}
+    if not tasks:
+        return entries
+    probe = SensitivityProbe(model, samples)
+    for k, task in enumerate(tasks):
+        for name, v in run_task(probe, task).items():
+            entries.setdefault(name, {})[spec_key(task.spec)] = v
+        if on_step is not None:
+            on_step(k + 1, len(tasks))
+    return entries
+
+
+def parse_devices(text: str | None) -> list[str]:
+    """``cuda:0,cuda:1`` / ``all`` (every visible GPU) / ``cpu,cpu`` -> device names, each checked."""
+    from lwq.models.load import resolve_device
+
+    if text is None or not text.strip():
+        return []
+    if text.strip() == "all":
+        if not torch.cuda.is_available():
+            raise BadInput("--devices all asked for GPUs but no CUDA GPU is available")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    out = []
+    for part in text.split(","):
+        dev = resolve_device(part.strip())
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BadInput(f"--devices: {part.strip()} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
+        out.append(str(dev))
+    return out
+
+
+def _worker(source: ModelSource, device: str, threads: int, samples: torch.Tensor, tasks: Any, results: Any) -> None:
+    """A worker process: load the model on ``device``, then measure tasks until a ``None`` arrives.
+    Sends ``("ok", task index, values)`` per task, or ``("error", device, message, exit code, traceback)``."""
+    try:
+        torch.set_num_threads(threads)
+        from lwq.models.load import load_model
+        from lwq.score.sensitivity import SensitivityProbe
+
+        model = load_model(source.name, source.dtype, device, source.trust_remote_code)
+        probe = SensitivityProbe(model, samples)
+        for index, task in iter(tasks.get, None):
+            results.put(("ok", index, run_task(probe, task)))
+    except BaseException as exc:  # reported to the parent, which raises it; nothing is swallowed
+        known = isinstance(exc, LwqError)
+        text = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        results.put(("error", device, text, exc.exit_code if known else 1, traceback.format_exc()))
+
+
+def measure_parallel(source: ModelSource, samples: torch.Tensor, tasks: Sequence[MeasureTask], devices: Sequence[str],
+                     on_step: Progress | None = None) -> Entries:
+    """Run ``tasks`` on one worker process per entry of ``devices`` (see module docstring)."""
+    import multiprocessing as mp
+
+    from lwq.allocate.candidates import spec_key
+
+    entries: Entries = {}
+    if not tasks:
+        return entries
+    ctx = mp.get_context("spawn")
+    todo, results = ctx.Queue(), ctx.Queue()
+    for item in enumerate(tasks):
+        todo.put(item)
+    ncpu = sum(1 for d in devices if d.startswith("cpu"))
+    threads = max(1, (os.cpu_count() or 1) // max(ncpu, 1))
+    procs = [ctx.Process(target=_worker, args=(source, d, threads, samples, todo, results), daemon=True)
+             for d in devices]
+    for _ in procs:
+        todo.put(None)
+    try:
+        for p in procs:
+            p.start()
+        done = 0
+        while done < len(tasks):
+            try:
+                msg = results.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                dead = [(d, p.exitcode) for d, p in zip(devices, procs) if p.exitcode not in (None, 0)]
+                if dead or all(p.exitcode is not None for p in procs):
+                    # a worker that put its result just before exiting: read what is left first
+                    try:
+                        msg = results.get(timeout=POLL_SECONDS)
+                    except queue.Empty:
+                        where = ", ".join(f"{d} (exit {c})" for d, c in dead) or "every worker"
+                        raise LwqError(f"measuring worker died on {where} with {len(tasks) - done} task(s) left") from None
+                else:
+                    continue
+            if msg[0] == "error":
+                _, dev, text, code, tb = msg
+                raise LwqError(f"measuring on {dev} failed: {text}", code) from RuntimeError(tb)
+            _, index, values = msg
+            for name, v in values.items():
+                entries.setdefault(name, {})[spec_key(tasks[index].spec)] = v
+            done += 1
+            if on_step is not None:
+                on_step(done, len(tasks))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=10)
+    return entries
+
+
+def parallel_measure(source: ModelSource, devices: Sequence[str]) -> Callable[..., Entries]:
+    """A ``measure`` for ``lwq.planning.measured_errors`` that runs on worker processes on ``devices``;
+    the caller's copy of the model waits on the CPU meanwhile (so a GPU never holds two copies)."""
+
+    def measure(model: torch.nn.Module, samples: torch.Tensor, tasks: Sequence[MeasureTask],
+                on_step: Progress | None = None) -> Entries:
+        if not tasks:
+            return {}
+        home = next(model.parameters()).device
+        model.to("cpu")
+        try:
+            return measure_parallel(source, samples.cpu(), tasks, devices, on_step)
+        finally:
+            model.to(home)
+
+    return measure

@@ -1,0 +1,117 @@
+"""The measured-error database on several devices: task splitting, worker processes (two CPU
+workers stand in for two GPUs: the same code path, ``spawn`` and all), errors from workers, and
+``--devices`` on ``lwq plan`` / ``lwq quantize``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import save_tiny, word_text
+from lwq.allocate.candidates import spec_key
+from lwq.cli import run
+from lwq.errors import BadInput, LwqError
+from lwq.measure import MeasureTask, ModelSource, make_tasks, measure_local, measure_parallel, parse_devices
+from lwq.models.arch import linear_names
+from lwq.models.load import load_model
+from lwq.spec import make_spec
+
+SPECS = [make_spec(2, 32), make_spec(4, 32)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("measure")
+    save_tiny(root / "model", "llama", layers=3)
+    (root / "calib.txt").write_text(word_text(3000))
+    return root
+
+
+def block_of(name: str) -> int:
+    return int(name.split(".")[2])
+
+
+def test_make_tasks_cover_every_pair_once_biggest_first():
+    names = [f"model.layers.{b}.{rel}" for b in range(4) for rel in ("q", "k", "v")]
+    todo = {SPECS[0]: names, SPECS[1]: names[3:]}
+    tasks = make_tasks(todo, block_of, 4)
+    pairs = [(t.spec, n) for t in tasks for n in t.names]
+    assert len(pairs) == len(set(pairs)) == len(names) + len(names) - 3
+    assert all(block_of(n) == t.block for t in tasks for n in t.names)
+    costs = [(4 - t.block) * len(t.names) for t in tasks]
+    assert costs == sorted(costs, reverse=True) and tasks[0].block == 0
+
+
+def test_two_workers_measure_what_one_process_measures(tiny):
+    model = load_model(str(tiny / "model"), "float32", "cpu")
+    names = linear_names(model)
+    samples = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(0))
+    tasks = make_tasks({sp: names for sp in SPECS}, block_of, 3)
+    steps: list[tuple[int, int]] = []
+    local = measure_local(model, samples, tasks)
+    par = measure_parallel(ModelSource(str(tiny / "model"), "float32"), samples, tasks, ["cpu", "cpu"],
+                           lambda i, n: steps.append((i, n)))
+    keys = {spec_key(sp) for sp in SPECS}
+    assert set(par) == set(local) == set(names) and all(set(v) == keys for v in par.values())
+    for name in names:
+        for k in keys:
+            assert par[name][k] == pytest.approx(local[name][k], rel=1e-4, abs=1e-9)
+            assert par[name][k] >= 0
+        assert par[name][spec_key(SPECS[0])] > par[name][spec_key(SPECS[1])]
+    assert steps == [(i + 1, len(tasks)) for i in range(len(tasks))]
+
+
+def test_worker_failure_is_one_error_with_its_exit_code(tiny):
+    samples = torch.randint(0, 128, (2, 16))
+    tasks = [MeasureTask(SPECS[0], 0, ("model.layers.0.self_attn.q_proj",))]
+    with pytest.raises(LwqError, match=r"measuring on cpu failed: no such model path") as info:
+        measure_parallel(ModelSource(str(tiny / "missing")), samples, tasks, ["cpu", "cpu"])
+    assert info.value.exit_code == 2
+    assert measure_parallel(ModelSource(str(tiny / "missing")), samples, [], ["cpu", "cpu"]) == {}
+
+
+def test_parse_devices():
+    assert parse_devices(None) == [] and parse_devices("") == []
+    assert parse_devices("cpu, cpu") == ["cpu", "cpu"]
+    with pytest.raises(BadInput, match="invalid device"):
+        parse_devices("cpu,gpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInput, match="no CUDA GPU"):
+            parse_devices("all")
+        with pytest.raises(BadInput, match="no CUDA GPU"):
+            parse_devices("cuda:0,cuda:1")
+
+
+def test_plan_cli_with_devices_matches_single_process(tiny, tmp_path, capsys):
+    base = ["plan", str(tiny / "model"), "--data", str(tiny / "calib.txt"), "--json", "--nsamples", "4",
+            "--seqlen", "24", "--device", "cpu", "--budget", "3.25bit", "--candidate-bits", "2,3,4"]
+    assert run([*base, "-o", str(tmp_path / "one.json"), "--error-db", str(tmp_path / "one-db.json")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert run([*base, "-o", str(tmp_path / "two.json"), "--error-db", str(tmp_path / "two-db.json"),
+                "--devices", "cpu,cpu"]) == 0, capsys.readouterr().err
+    two = json.loads(capsys.readouterr().out)
+    assert {n: e["bits"] for n, e in two["layers"].items()} == {n: e["bits"] for n, e in one["layers"].items()}
+    db1 = json.loads((tmp_path / "one-db.json").read_text())["entries"]
+    db2 = json.loads((tmp_path / "two-db.json").read_text())["entries"]
+    assert db1.keys() == db2.keys()
+    for name in db1:
+        assert db2[name] == pytest.approx(db1[name], rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "{m}", "-o", "{o}", "--budget", "3bit", "--devices", "cuda:7"], "CUDA|does not exist"),
+    (["quantize", "{m}", "-o", "{o}", "--bits", "4", "--devices", "cpu,cpu"], "needs --budget"),
+    (["plan", "{m}", "-o", "{o}", "--budget", "3bit", "--devices", "tpu"], "invalid device"),
+])
+def test_bad_devices_are_one_line_errors(tiny, tmp_path, capsys, argv, message):
+    import re
+
+    out = tmp_path / "out"
+    args = [a.format(m=tiny / "model", o=out) for a in argv]
+    if "cuda:7" in args and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and re.search(message, err)
+    assert not out.exists()
