@@ -5,10 +5,13 @@
 the finished blocks into the checkpoint from its work folder, so its peak should barely move with
 depth; the ``eager`` rows load the whole model first (``quantize_to_checkpoint(lazy=False)``) for
 contrast. The ``plan`` rows run ``lwq quantize --plan`` with a mixed hand-written plan (RTN: 3-bit
-MLPs, 4-bit attention), which is read one block at a time too. Prints a table; writes
+MLPs, 4-bit attention), which is read one block at a time too. The ``budget`` rows plan under a
+3.5-bit budget (measured errors of 3- and 4-bit RTN candidates, dp) and quantize: ``budget-lazy``
+with ``--max-memory 1MB``, so planning reads every block from disk for its turn, ``budget`` with
+the default (the model fits: planning holds it whole). Prints a table; writes
 benchmarks/out/depth.json.
 
-    python benchmarks/depth.py [--depths 4,8,16,32] [--methods rtn,gptq,plan,rtn-eager] [--threads 2]
+    python benchmarks/depth.py [--depths 4,8,16,32] [--methods rtn,gptq,plan,budget,budget-lazy,rtn-eager]
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 1024, 2816, 2048, 16, 4
 NSAMPLES, SEQLEN = 16, 128
+BUDGET_NSAMPLES, BUDGET_SEQLEN = 2, 64  # planning measures every candidate of every layer: O(depth^2) block runs
 
 EAGER = """
 import sys
@@ -98,6 +102,11 @@ def main() -> None:
                 out = root / f"q-{depth}-{method}"
                 if method == "rtn-eager":
                     argv = ["-c", EAGER, str(model), str(out)]
+                elif method.startswith("budget"):
+                    argv = ["-m", "lwq", "quantize", str(model), "-o", str(out), "--budget", "3.5bit",
+                            "--candidate-bits", "3,4", "--backend", "rtn", "--device", "cpu", "--quiet",
+                            "--data", str(root / "calib.txt"), "--nsamples", str(BUDGET_NSAMPLES),
+                            "--seqlen", str(BUDGET_SEQLEN), *(["--max-memory", "1MB"] if method == "budget-lazy" else [])]
                 elif method == "plan":
                     argv = ["-m", "lwq", "quantize", str(model), "-o", str(out), "--plan", str(root / "plan.json"),
                             "--device", "cpu", "--quiet"]

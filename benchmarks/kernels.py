@@ -110,37 +110,68 @@ def peak_bandwidth(device: torch.device) -> float:
     return 2 * 2**31 / (ms * 1e-3)
 
 
-def run(quick: bool, device: torch.device) -> tuple[list[Row], float]:
-    from triton.testing import do_bench
+Timer = Callable[[Callable[[], object]], float]  # milliseconds per call
 
-    peak = peak_bandwidth(device)
+
+def run(quick: bool, device: torch.device, timer: Timer | None = None, peak: float | None = None,
+        models: dict[str, tuple[int, int, int]] | None = None, m_values: tuple[int, ...] | None = None,
+        kinds: tuple[str, ...] = KINDS) -> tuple[list[Row], float]:
+    """Check then time every kernel on every shape; ``timer``/``peak`` default to ``do_bench`` and the
+    measured copy bandwidth (a test passes its own to run this on CPU at small shapes)."""
+    if timer is None:
+        from triton.testing import do_bench
+
+        timer = lambda fn: do_bench(fn, warmup=25, rep=100)  # noqa: E731
+    peak = peak if peak is not None else peak_bandwidth(device)
     rows: list[Row] = []
-    models = {"llama3-8b": MODELS["llama3-8b"]} if quick else MODELS
+    models = models or ({"llama3-8b": MODELS["llama3-8b"]} if quick else MODELS)
+    m_values = m_values or ((1, 256) if quick else M_VALUES)
     for model, dims in models.items():
         shapes = linear_shapes(*dims)
         if quick:
             shapes = {k: shapes[k] for k in ("q_proj", "gate_proj", "down_proj")}
         for lin, (N, K) in shapes.items():
-            benches = {kind: weights(kind, N, K, device) for kind in KINDS}
+            benches = {kind: weights(kind, N, K, device) for kind in kinds}
             for kind, b in benches.items():  # correctness first: a fast wrong kernel is not a result
                 xc = torch.randn(16, K, dtype=torch.float16, device=device)
                 y, ref = b.run(xc).float(), b.reference(xc).float()
                 if not bool(((y - ref).abs().max() <= 1e-2 * ref.abs().max()).item()):
                     raise SystemExit(f"{kind} {N}x{K}: kernel output differs from its reference")
-            for M in ((1, 256) if quick else M_VALUES):
+            for M in m_values:
                 x = torch.randn(M, K, dtype=torch.float16, device=device)
                 base_ms = None
                 for kind, b in benches.items():
-                    ms = do_bench(lambda: b.run(x), warmup=25, rep=100)
-                    wbytes = b.weight_bytes
+                    ms = timer(lambda: b.run(x))
                     base_ms = ms if kind == "fp16" else base_ms
-                    moved = wbytes + 2 * M * K + 2 * M * N
+                    moved = b.weight_bytes + 2 * M * K + 2 * M * N
                     rows.append(Row(model, lin, M, N, K, kind, ms, moved, moved / (ms * 1e-3) / 1e9,
                                     2 * M * N * K / (ms * 1e-3) / 1e12, (moved / peak) / (ms * 1e-3),
                                     (base_ms or ms) / ms))
             del benches
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows, peak
+
+
+def targets(rows: list[Row], decode_min: float = 0.85) -> dict[str, object]:
+    """The issue's targets from the rows: every quantized kernel at decode (M = 1) reaches
+    ``decode_min`` of the memory-bound limit; W4A8 at the largest M (prefill) beats fp16 cuBLAS.
+    Lists the rows that miss, so a failing target says where."""
+    quantized = [r for r in rows if r.kernel != "fp16"]
+    decode = [r for r in quantized if r.M == 1]
+    big = max((r.M for r in rows), default=0)
+    prefill = [r for r in quantized if r.kernel.startswith("w4a8") and r.M == big and big > 16]
+    label = lambda r: f"{r.model} {r.linear} M={r.M} {r.kernel}"  # noqa: E731
+    return {
+        "decode_min_of_memory_bound": min((r.of_memory_bound for r in decode), default=None),
+        "decode_target": decode_min,
+        "decode_met": bool(decode) and all(r.of_memory_bound >= decode_min for r in decode),
+        "decode_misses": [label(r) for r in decode if r.of_memory_bound < decode_min],
+        "w4a8_prefill_M": big if prefill else None,
+        "w4a8_prefill_min_vs_fp16": min((r.vs_fp16 for r in prefill), default=None),
+        "w4a8_prefill_met": bool(prefill) and all(r.vs_fp16 > 1.0 for r in prefill),
+        "w4a8_prefill_misses": [label(r) for r in prefill if r.vs_fp16 <= 1.0],
+    }
 
 
 def render(rows: list[Row], peak: float, device_name: str) -> None:
@@ -184,13 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device)
     rows, peak = run(args.quick, device)
     render(rows, peak, name)
+    goals = targets(rows)
+    print(f"decode (M=1) >= {goals['decode_target']:.0%} of memory-bound: "
+          f"{'met' if goals['decode_met'] else 'MISSED'} (worst {goals['decode_min_of_memory_bound']:.0%})")
+    if goals["w4a8_prefill_M"] is not None:
+        print(f"W4A8 prefill (M={goals['w4a8_prefill_M']}) faster than fp16: "
+              f"{'met' if goals['w4a8_prefill_met'] else 'MISSED'} (worst {goals['w4a8_prefill_min_vs_fp16']:.2f}x)")
     import triton
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
             "peak_copy_gbps": peak / 1e9, "group_size": GROUP, "activation_dtype": "float16", "quick": args.quick}
-    args.out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    args.out.write_text(json.dumps({"meta": meta, "targets": goals, "rows": [asdict(r) for r in rows]}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

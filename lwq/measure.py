@@ -4,10 +4,10 @@ Measuring a candidate = quantizing one linear alone at one spec and recording th
 divergence to the full model (``lwq.score.sensitivity.SensitivityProbe``). The work is cut into
 tasks of one spec and one block's linears; a trial in block ``i`` runs blocks ``i..N-1``, so tasks
 are handed out largest first. ``measure_local`` runs them in this process; ``measure_parallel``
-starts one worker process per device (``spawn``), each with its own copy of the model on its
-device, pulling tasks from a shared queue (data parallel: every GPU holds the model; planning a
-model larger than one GPU needs ``--device cpu`` or fewer, larger GPUs). Results do not depend on
-how tasks were spread: every task measures against the same cached reference on the same samples.
+starts one worker process per device (``spawn``), each with its own copy of the model placed on
+its device (``lwq.models.placement``: whole when it fits, else read from the model's files one block
+per turn), pulling tasks from a shared queue. Results do not depend on how tasks were spread: every
+task measures against the same cached reference on the same samples.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ class ModelSource:
     name: str
     dtype: str = "auto"
     trust_remote_code: bool = False
+    max_memory: int | None = None  # see ``lwq.models.placement.place``
 
 
 def make_tasks(todo: Mapping[LayerSpec, Sequence[str]], block_of: Callable[[str], int], nblocks: int) -> list[MeasureTask]:
@@ -64,15 +65,17 @@ def run_task(probe: Any, task: MeasureTask) -> dict[str, float]:
 
 
 def measure_local(model: torch.nn.Module, samples: torch.Tensor, tasks: Sequence[MeasureTask],
-                  on_step: Progress | None = None) -> Entries:
-    """Run ``tasks`` on ``model`` where it is; returns name -> spec key -> KL."""
+                  on_step: Progress | None = None, placement: Any = None) -> Entries:
+    """Run ``tasks`` on ``model`` in this process, where ``placement`` (``lwq.models.placement``) says
+    (default: where the model is); returns name -> spec key -> KL."""
     from lwq.allocate.candidates import spec_key
     from lwq.score.sensitivity import SensitivityProbe
 
     entries: Entries = {}
     if not tasks:
         return entries
-    probe = SensitivityProbe(model, samples)
+    probe = SensitivityProbe(model, samples, device=placement.device if placement else None,
+                             loader=placement.loader if placement else None)
     for k, task in enumerate(tasks):
         for name, v in run_task(probe, task).items():
             entries.setdefault(name, {})[spec_key(task.spec)] = v
@@ -105,17 +108,34 @@ def _worker(source: ModelSource, device: str, threads: int, samples: torch.Tenso
     Sends ``("ok", task index, values)`` per task, or ``("error", device, message, exit code, traceback)``."""
     try:
         torch.set_num_threads(threads)
-        from lwq.models.load import load_model
         from lwq.score.sensitivity import SensitivityProbe
 
-        model = load_model(source.name, source.dtype, device, source.trust_remote_code)
-        probe = SensitivityProbe(model, samples)
+        model, placement = _load_placed(source, torch.device(device))
+        probe = SensitivityProbe(model, samples, device=placement.device, loader=placement.loader)
         for index, task in iter(tasks.get, None):
             results.put(("ok", index, run_task(probe, task)))
     except BaseException as exc:  # reported to the parent, which raises it; nothing is swallowed
         known = isinstance(exc, LwqError)
         text = str(exc) if known else f"{type(exc).__name__}: {exc}"
         results.put(("error", device, text, exc.exit_code if known else 1, traceback.format_exc()))
+
+
+def _load_placed(source: ModelSource, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """A worker's copy of the model, placed on ``device`` (``lwq.models.placement.place``): built with
+    its blocks on ``meta`` and read from the safetensors files (whole onto the device when it fits,
+    else one block per turn), or loaded into CPU memory when it cannot be read that way."""
+    from lwq.models.lazy import LazyUnsupported, load_lazy
+    from lwq.models.load import load_model
+    from lwq.models.placement import place
+
+    if not source.trust_remote_code:
+        try:
+            model, loader = load_lazy(source.name, source.dtype, str(device))
+            return model, place(model, device, loader, source.max_memory)
+        except LazyUnsupported:
+            pass  # hub ids, custom code: the eager load below
+    model = load_model(source.name, source.dtype, "cpu", source.trust_remote_code)
+    return model, place(model, device, None, source.max_memory)
 
 
 def measure_parallel(source: ModelSource, samples: torch.Tensor, tasks: Sequence[MeasureTask], devices: Sequence[str],
@@ -178,14 +198,16 @@ def parallel_measure(source: ModelSource, devices: Sequence[str]) -> Callable[..
     the caller's copy of the model waits on the CPU meanwhile (so a GPU never holds two copies)."""
 
     def measure(model: torch.nn.Module, samples: torch.Tensor, tasks: Sequence[MeasureTask],
-                on_step: Progress | None = None) -> Entries:
+                on_step: Progress | None = None, placement: Any = None) -> Entries:
+        from lwq.models.placement import Placement, park, unpark
+
         if not tasks:
             return {}
-        home = next(model.parameters()).device
-        model.to("cpu")
+        placement = placement or Placement(next(model.parameters()).device)
+        park(model, placement)
         try:
             return measure_parallel(source, samples.cpu(), tasks, devices, on_step)
         finally:
-            model.to(home)
+            unpark(model, placement)
 
     return measure

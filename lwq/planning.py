@@ -17,7 +17,6 @@ import math
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lwq.allocate import allocate
@@ -27,11 +26,17 @@ from lwq.allocate.plan import Plan, plan_from_allocation
 from lwq.allocate.recipes import Recipe
 from lwq.backends.quant import rtn_fake_quant
 from lwq.errors import BadInput
+from lwq.models.placement import Placement
 from lwq.models.arch import LINEAR_TYPES, arch_for, get_blocks, linear_names, linear_shape, linear_weight
 from lwq.spec import LayerSpec
 
 Progress = Callable[[int, int], None]
 MEASURE_SAMPLES = 16  # calibration windows used to measure candidate errors (KL is stable well before 128)
+
+
+def _where(model: nn.Module) -> Placement:
+    """The placement of a model that is wholly where its first parameter is."""
+    return Placement(next(model.parameters()).device)
 
 
 def model_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -50,11 +55,12 @@ def _block_of(linear: str, blocks: str) -> str:
 
 
 def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list[Any], db: Any = None,
-                    on_step: Progress | None = None, measure: Any = None) -> tuple[list[Any], Any]:
+                    on_step: Progress | None = None, measure: Any = None,
+                    placement: Placement | None = None) -> tuple[list[Any], Any]:
     """Fill every candidate's error with its measured KL (see module docstring); entries already in
     ``db`` (an ``ErrorDB`` for this model and data) are reused. ``measure(model, samples, tasks,
-    on_step)`` runs the missing ``lwq.measure.MeasureTask``s (default ``measure_local``; see
-    ``measure_parallel`` for several devices). Returns the layers and the database."""
+    on_step, placement)`` runs the missing ``lwq.measure.MeasureTask``s (default ``measure_local``;
+    see ``parallel_measure`` for several devices). Returns the layers and the database."""
     from lwq.allocate.candidates import ErrorDB, db_errors, spec_key
     from lwq.measure import make_tasks, measure_local
 
@@ -69,7 +75,7 @@ def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list
     samples = samples[:MEASURE_SAMPLES] if samples is not None else None
     blocks = arch_for(model).blocks
     tasks = make_tasks(todo, lambda n: int(n[len(blocks) + 1:].split(".", 1)[0]), len(get_blocks(model)))
-    measured = (measure or measure_local)(model, samples, tasks, on_step)
+    measured = (measure or measure_local)(model, samples, tasks, on_step, placement or _where(model))
     for name, values in measured.items():
         entries.setdefault(name, {}).update(values)
     for lc in layers:
@@ -84,7 +90,8 @@ def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list
 
 
 def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, stats: Any = None,
-                on_step: Progress | None = None, db: Any = None, measure: Any = None) -> tuple[list[Any], Any]:
+                on_step: Progress | None = None, db: Any = None, measure: Any = None,
+                placement: Placement | None = None) -> tuple[list[Any], Any]:
     """Candidates per layer with their exact costs and the recipe scorer's error estimates; also the
     measured-error database when the scorer is ``sensitivity`` (else None)."""
     from lwq.calib.stats import collect_stats
@@ -94,12 +101,14 @@ def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, 
     layers = make_candidates(shapes, recipe.bits, recipe.backend, recipe.group_size, recipe.sym, recipe.act_bits)
     scorer = SCORERS.get(recipe.scorer)
     if recipe.scorer == "sensitivity":
-        return measured_errors(model, samples, layers, db, on_step, measure)
-    device = next(model.parameters()).device
+        return measured_errors(model, samples, layers, db, on_step, measure, placement)
+    placement = placement or _where(model)
+    device = placement.device
     if stats is None and scorer.needs & {"stats", "hessians"}:
         if samples is None:
             raise BadInput(f"scorer {recipe.scorer} needs calibration text: pass --data PATH")
-        stats = collect_stats(model, samples, device, on_block=on_step, hessians=recipe.scorer == "hessian")
+        stats = collect_stats(model, samples, device, on_block=on_step, hessians=recipe.scorer == "hessian",
+                              loader=placement.loader)
     if recipe.scorer == "hessian":
         weights = {n: linear_weight(model.get_submodule(n)).detach().float() for n in shapes}
         hessians = {n: stats.linears[n].hessian for n in shapes}
@@ -116,23 +125,18 @@ def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, 
 class KlEvaluator:
     """``evaluate(plan, fidelity) -> loss`` for the ``search`` solver: mean next-token KL divergence
     (nats per token) of the model with every planned layer RTN-quantized per its spec, against the full
-    model, on the first ``ceil(fidelity / seqlen)`` calibration samples. Quantized weights are cached
-    per (layer, spec); the model's weights are restored after every call."""
+    model, on the first ``ceil(fidelity / seqlen)`` calibration samples (rounded up to whole batches).
+    Runs block by block through a ``SensitivityProbe`` (so blocks may live off the device: ``loader``);
+    quantized weights are cached per (layer, spec); the model's weights are never changed."""
 
-    def __init__(self, model: nn.Module, samples: torch.Tensor, batch_size: int = 8) -> None:
-        self.model, self.samples, self.batch_size = model, samples, batch_size
-        self.device = next(model.parameters()).device
+    def __init__(self, model: nn.Module, samples: torch.Tensor, batch_size: int = 8, device: Any = None,
+                 loader: Any = None) -> None:
+        from lwq.score.sensitivity import SensitivityProbe
+
+        self.samples, self.batch_size = samples, batch_size
         self.modules = {n: model.get_submodule(n) for n in linear_names(model)}
-        self.originals = {n: m.weight.detach().clone() for n, m in self.modules.items()}
+        self.probe = SensitivityProbe(model, samples, "kl", batch_size, device, loader)
         self.cache: dict[tuple[str, LayerSpec], torch.Tensor] = {}
-        self.ref = self._logprobs(len(samples))
-
-    @torch.no_grad()
-    def _logprobs(self, n: int) -> torch.Tensor:
-        out = [F.log_softmax(self.model(input_ids=self.samples[i:min(i + self.batch_size, n)].to(self.device),
-                                        use_cache=False).logits.float(), dim=-1).cpu()
-               for i in range(0, n, self.batch_size)]
-        return torch.cat(out)
 
     def _quantized(self, name: str, spec: LayerSpec) -> torch.Tensor:
         key = (name, spec)
@@ -146,18 +150,12 @@ class KlEvaluator:
     @torch.no_grad()
     def __call__(self, plan: Mapping[str, LayerSpec], fidelity: int) -> float:
         n = max(1, min(len(self.samples), math.ceil(fidelity / self.samples.shape[1])))
-        try:
-            for name, spec in plan.items():
-                self.modules[name].weight.data = self._quantized(name, spec)
-            logq = self._logprobs(n)
-        finally:
-            for name, mod in self.modules.items():
-                mod.weight.data = self.originals[name]
-        ref = self.ref[:n]
-        return float((ref.exp() * (ref - logq)).sum(-1).mean())
+        weights = {name: self._quantized(name, spec) for name, spec in plan.items() if spec.bits < 16}
+        return self.probe.plan_divergence(weights, math.ceil(n / self.batch_size))
 
 
-def solver_options(model: nn.Module, recipe: Recipe, samples: torch.Tensor | None, seed: int) -> dict[str, Any]:
+def solver_options(model: nn.Module, recipe: Recipe, samples: torch.Tensor | None, seed: int,
+                   placement: Placement | None = None) -> dict[str, Any]:
     """Keyword options for the recipe's solver: blocks as units for ``order``/``random`` (the paper
     ranks blocks), tie groups for ``ilp``, the KL evaluator for ``search``, plus the recipe's options."""
     arch = arch_for(model)
@@ -172,7 +170,8 @@ def solver_options(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
     if recipe.solver == "search":
         if samples is None:
             raise BadInput("the search solver measures real loss: pass --data PATH")
-        opts["evaluate"] = KlEvaluator(model, samples)
+        where = placement or _where(model)
+        opts["evaluate"] = KlEvaluator(model, samples, device=where.device, loader=where.loader)
         opts.setdefault("seed", seed)
         opts.setdefault("fidelity", int(samples.numel()))
     return opts
@@ -180,18 +179,19 @@ def solver_options(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
 
 def plan_model(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, seed: int = 0, stats: Any = None,
                on_step: Progress | None = None, meta: Mapping[str, Any] | None = None,
-               db: Any = None, measure: Any = None) -> tuple[Plan, Any]:
+               db: Any = None, measure: Any = None, placement: Placement | None = None) -> tuple[Plan, Any]:
     """The plan for ``model`` under ``recipe.budget`` (see module docstring), and the measured-error
     database when one was used (pass it back as ``db`` to plan other budgets without measuring again).
-    ``measure``: how missing measurements run (``measured_errors``)."""
+    ``measure``: how missing measurements run (``measured_errors``); ``placement``: where the model
+    computes (``lwq.models.placement``; default: where its parameters are)."""
     if recipe.budget is None:
         raise BadInput("no budget given: pass --budget (e.g. 3.25bit, 4GB, 0.25x) or a recipe with one")
     if not any(isinstance(m, LINEAR_TYPES) for m in model.modules()):
         raise BadInput("the model has no linear layers to plan")
-    layers, db = error_table(model, samples, recipe, stats, on_step, db, measure)
+    layers, db = error_table(model, samples, recipe, stats, on_step, db, measure, placement)
     shapes = model_shapes(model)
     alloc = allocate(layers, recipe.budget, rest_bytes(model, shapes), recipe.solver,
-                     **solver_options(model, recipe, samples, seed))
+                     **solver_options(model, recipe, samples, seed, placement))
     info = {k: v for k, v in alloc.info.items() if k != "history"}
     plan = plan_from_allocation(layers, alloc, recipe.budget, recipe.scorer,
                                 meta={"recipe": recipe.to_dict(), "solver_info": info, **dict(meta or {})})

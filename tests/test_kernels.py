@@ -280,3 +280,47 @@ def test_fixture_model_same_logits_with_kernels():
     assert (ref.argmax(-1) == out.argmax(-1)).float().mean() > 0.95
 
 
+
+
+# --- the benchmark script's table and targets (its timings need a GPU; here a fake timer) -----------
+
+def _bench_module():
+    import importlib.util
+    import sys
+
+    from helpers import PROJECT
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", PROJECT / "benchmarks" / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_rows_and_targets_on_cpu():
+    bench = _bench_module()
+    times = {}
+
+    def timer(fn):  # deterministic fake milliseconds, one distinct value per call
+        fn()
+        times[len(times)] = 0.01 * (len(times) + 1)
+        return times[len(times) - 1]
+
+    rows, peak = bench.run(True, DEV, timer=timer, peak=1e12, models={"tiny": (128, 64, 256)}, m_values=(1, 32))
+    assert peak == 1e12 and len(rows) == 3 * 2 * len(bench.KINDS)  # q/gate/down x M x kernels
+    by = {(r.linear, r.M, r.kernel): r for r in rows}
+    for r in rows:
+        assert (r.N, r.K) == {"q_proj": (128, 128), "gate_proj": (256, 128), "down_proj": (128, 256)}[r.linear]
+        assert r.bytes > 2 * r.M * (r.N + r.K)
+        assert r.gbps == pytest.approx(r.bytes / (r.ms * 1e-3) / 1e9)
+        assert r.tflops == pytest.approx(2 * r.M * r.N * r.K / (r.ms * 1e-3) / 1e12)
+        assert r.of_memory_bound == pytest.approx(r.bytes / peak / (r.ms * 1e-3))
+        assert r.vs_fp16 == pytest.approx(by[(r.linear, r.M, "fp16")].ms / r.ms)
+    fp16 = by[("q_proj", 1, "fp16")]
+    assert by[("q_proj", 1, "w4a16-g128")].bytes < fp16.bytes / 3  # 4-bit weights move about a quarter
+    goals = bench.targets(rows)
+    assert goals["decode_met"] is False and goals["w4a8_prefill_M"] == 32
+    assert goals["w4a8_prefill_met"] is False and len(goals["w4a8_prefill_misses"]) == 6  # slower than fp16 here
+    fast = [bench.Row(**{**r.__dict__, "of_memory_bound": 0.9, "vs_fp16": 1.5}) for r in rows]
+    assert bench.targets(fast)["decode_met"] and bench.targets(fast)["w4a8_prefill_met"]
+    assert bench.targets(fast)["decode_misses"] == []

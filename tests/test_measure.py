@@ -115,3 +115,23 @@ def test_bad_devices_are_one_line_errors(tiny, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and re.search(message, err)
     assert not out.exists()
+
+
+def test_a_killed_worker_stops_the_run_with_one_error(tiny):
+    import multiprocessing
+    import os
+    import signal
+
+    model = load_model(str(tiny / "model"), "float32", "cpu")
+    samples = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    tasks = make_tasks({sp: linear_names(model) for sp in SPECS}, block_of, 3)
+
+    def kill_workers(done, _total):
+        if done == 1:
+            for p in multiprocessing.active_children():
+                os.kill(p.pid, signal.SIGKILL)
+
+    with pytest.raises(LwqError, match=r"measuring worker died on cpu \(exit -9\).* task\(s\) left") as info:
+        measure_parallel(ModelSource(str(tiny / "model"), "float32"), samples, tasks, ["cpu", "cpu"], kill_workers)
+    assert info.value.exit_code == 1
+    assert not multiprocessing.active_children()

@@ -14,6 +14,7 @@ QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress bars or logs.
 DTYPE_OPT = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, the model's half type on GPU), float32, float16, bfloat16.")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
 DEVICES_OPT = typer.Option(None, "--devices", help="Measure the planning error database on several devices at once, one worker process each: cuda:0,cuda:1 or all (every visible GPU).")
+MAX_MEMORY_OPT = typer.Option(None, "--max-memory", help="Planning: bytes a whole model may take on its device (e.g. 20GiB); a larger one keeps its blocks in CPU memory or on disk and moves one at a time. Default: 80% of what is free.")
 TRUST_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code (off by default).")
 
 
@@ -41,6 +42,21 @@ def parse_percent(text: str, option: str) -> float:
     if value < 0:
         raise BadInput(f"{option}: must not be negative, got {text!r}")
     return value
+
+
+def parse_size(text: str | None, option: str) -> int | None:
+    """``20GiB`` / ``500MB`` / ``1e9B`` -> bytes (None stays None); anything else is a one-line error."""
+    from lwq.allocate.budget import parse_budget
+
+    if text is None:
+        return None
+    try:
+        size = parse_budget(text)
+    except BadInput:
+        size = None
+    if size is None or size.kind != "bytes":
+        raise BadInput(f"{option}: expected a size such as 20GiB or 500MB, got {text!r}")
+    return int(size.value)
 
 
 def fmt_bytes(n: float) -> str:

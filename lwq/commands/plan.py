@@ -11,7 +11,7 @@ from rich.table import Table
 from lwq.allocate.plan import Plan, plan_to_dict, save_plan
 from lwq.commands.common import (
     BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, TIE_OPT, CALIB_OPT, DATA_OPT,
-    DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
+    DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, MAX_MEMORY_OPT, parse_size, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
 )
 from lwq.commands.quantize import budget_recipe
 from lwq.errors import BadInput
@@ -43,7 +43,7 @@ def plan_command(
     plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of bits per layer."),
     force: bool = typer.Option(False, "--force", help="Replace an existing plan file."),
     dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, devices: Optional[str] = DEVICES_OPT,
-    trust_remote_code: bool = TRUST_OPT, json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
+    max_memory: Optional[str] = MAX_MEMORY_OPT, trust_remote_code: bool = TRUST_OPT, json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Plan bits per layer of MODEL under a budget; the plan is JSON you can edit and pass to `lwq quantize --plan`."""
     if Path(output).exists() and not force:
@@ -59,7 +59,8 @@ def plan_command(
     with progress(quiet or json_out) as prog:
         task = prog.add_task(f"planning ({recipe.solver}, {recipe.scorer})", total=None)
         plan, _ = plan_for_model(model, recipe, recipe.data, recipe.nsamples, recipe.seqlen, seed,
-                                 LoadOptions(dtype, device, trust_remote_code), text_field, calib,
+                                 LoadOptions(dtype, device, trust_remote_code, parse_size(max_memory, "--max-memory")),
+                                 text_field, calib,
                                  lambda i, n: prog.update(task, completed=i, total=n), error_db=error_db,
                                  devices=workers)
     save_plan(plan, output)

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from lwq.commands.common import (
     BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, TIE_OPT, CALIB_OPT, DATA_OPT,
-    DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
+    DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, MAX_MEMORY_OPT, JSON_OPT, parse_size, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
 )
 from lwq.allocate.recipes import Recipe, load_recipe, merge, parse_bits
 from lwq.errors import BadInput, LwqError
@@ -68,7 +68,7 @@ def quantize_command(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder (only once the new one is complete); discard an unfinished run's OUT.partial."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished block (same arguments; progress is kept in OUT.partial)."),
     dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, devices: Optional[str] = DEVICES_OPT,
-    trust_remote_code: bool = TRUST_OPT, json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
+    max_memory: Optional[str] = MAX_MEMORY_OPT, trust_remote_code: bool = TRUST_OPT, json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Quantize MODEL's decoder-block linears: uniformly (--bits), under a budget (--budget or a
     --config recipe: calibrate, score, plan, quantize), or by a plan file (--plan); write a checkpoint."""
@@ -78,7 +78,7 @@ def quantize_command(
     for name, val in (("--nsamples", nsamples), ("--seqlen", seqlen)):
         if val is not None and val < 1:
             raise BadInput(f"{name} must be positive, got {val}")
-    load = LoadOptions(dtype, device, trust_remote_code)
+    load = LoadOptions(dtype, device, trust_remote_code, parse_size(max_memory, "--max-memory"))
     workers = parse_devices(devices)
     alpha = parse_alpha(smooth_alpha)
     if workers and budget is None and config is None:

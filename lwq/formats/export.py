@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from lwq.errors import BadInput
+from lwq.formats.gptq_v1 import gptq_from_lwq, gptq_quantization_config, gptq_requantized
 from lwq.registry import Registry
 from lwq.spec import LayerSpec
 
@@ -201,43 +202,6 @@ def _group_regex(names: Sequence[str]) -> str:
     alias = FUSED_ALIASES.get(tuple(leaves))
     alts = leaves + ([alias] if alias else [])
     return "^" + re.escape(parents.pop()) + r"\.(?:" + "|".join(alts) + ")$"
-
-
-def v1_tensors(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-               bits: int) -> dict[str, torch.Tensor]:
-    """GPTQ v1 tensors from codes packed along the input dim, integer zero points (groups, out),
-    scales and g_idx: zeros are stored minus one, wrapped to ``bits`` bits, packed along the out dim."""
-    from lwq.formats.pack import pack
-
-    stored = (zeros.to(torch.int64) - 1) & ((1 << bits) - 1)
-    return {"qweight": qweight.to(torch.int32).contiguous(), "qzeros": pack(stored, bits, dim=1),
-            "scales": scales.to(torch.float16).contiguous(), "g_idx": g_idx.to(torch.int32).contiguous()}
-
-
-def gptq_from_lwq(t: Mapping[str, torch.Tensor], bits: int, out_features: int) -> dict[str, torch.Tensor]:
-    """Convert lwq's GPTQ-layout tensors (zero points stored as they are) to GPTQ v1."""
-    from lwq.formats.pack import unpack
-
-    zeros = unpack(t["qzeros"], bits, out_features, dim=1)
-    return v1_tensors(t["qweight"], zeros, t["scales"], t["g_idx"], bits)
-
-
-def gptq_requantized(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> dict[str, torch.Tensor]:
-    """RTN of a float weight (out, in) into GPTQ v1 tensors (scales rounded to fp16 before rounding codes)."""
-    from lwq.backends.rtn import rtn_quantize
-    from lwq.formats.pack import pack
-
-    qw = rtn_quantize(weight.float(), LayerSpec(bits=bits, group_size=group_size, sym=sym, format="gptq"))
-    assert qw.q is not None and qw.zero is not None and qw.scale is not None and qw.g_idx is not None
-    return v1_tensors(pack(qw.q.t().contiguous(), bits, dim=0), qw.zero.t(), qw.scale.t(), qw.g_idx, bits)
-
-
-def gptq_quantization_config(default: Mapping[str, Any], dynamic: Mapping[str, Any], version: str) -> dict[str, Any]:
-    """``quantization_config`` / ``quantize_config.json`` of the export."""
-    return {"quant_method": "gptq", "bits": default["bits"], "group_size": default["group_size"],
-            "desc_act": default["desc_act"], "sym": default["sym"], "checkpoint_format": "gptq",
-            "pack_dtype": "int32", "lm_head": False, "true_sequential": True, "static_groups": False,
-            "dynamic": dict(dynamic), "meta": {"quantizer": [f"lwq:{version}"]}}
 
 
 # ---- I/O: read the lwq checkpoint, write the GPTQ one -------------------------------------------

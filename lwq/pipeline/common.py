@@ -13,11 +13,13 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How models are loaded: dtype, device and whether custom code is trusted."""
+    """How models are loaded: dtype, device, whether custom code is trusted, and how many bytes a
+    whole model may take on its device before planning keeps its blocks off it (None: 80% of free)."""
 
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    max_memory: int | None = None
 
 
 def evaluate_ppl(

@@ -19,7 +19,10 @@ def plan_for_model(
     statistics of an ``lwq calibrate`` folder instead of collecting them; ``error_db``: a JSON file of
     measured errors reused when present and written after measuring; ``devices``: two or more devices
 (``lwq.measure.parse_devices``) measure the error database in parallel, one worker process each
-(one device: planning runs there). Returns ``(plan, model)``."""
+(one device: planning runs there). The model goes whole onto the device when it fits, else its
+blocks take turns (``lwq.models.placement``); when ``reads_blocks_only`` it is read from its files
+one block at a time unless it fits. Returns ``(plan, model)``; ``model`` is None when it was read
+that way (load it again, lazily, to quantize)."""
     from pathlib import Path
 
     from lwq.allocate.candidates import load_error_db, save_error_db
@@ -28,19 +31,28 @@ def plan_for_model(
     from lwq.calib.store import load_calib
     from lwq.errors import BadInput
     from lwq.models.load import resolve_device, resolve_dtype
+    from lwq.models.placement import place
     from lwq.planning import plan_model
     from lwq.score import SCORERS
 
     scorer = SCORERS.get(recipe.scorer)
     dev = resolve_device(devices[0] if devices else load.device)
     dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
+    loader = None  # set when the model is read one block at a time from its files
+    if model is None and reads_blocks_only(recipe, data, calib, load):
+        from lwq.models.lazy import LazyUnsupported, load_lazy
+
+        try:
+            model, loader = load_lazy(model_name, dtype, str(dev))
+        except LazyUnsupported:
+            model = None  # hub ids, custom code: the eager load below
     if model is None:
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
     measure = None
     if len(devices) > 1:
         from lwq.measure import ModelSource, parallel_measure
 
-        measure = parallel_measure(ModelSource(model_name, dtype, load.trust_remote_code), devices)
+        measure = parallel_measure(ModelSource(model_name, dtype, load.trust_remote_code, load.max_memory), devices)
     stats = load_calib(calib, model) if calib else None
     wants_samples = recipe.solver == "search" or "samples" in scorer.needs or (
         stats is None and scorer.needs & {"stats", "hessians"})
@@ -52,15 +64,27 @@ def plan_for_model(
     db = load_error_db(error_db) if error_db and Path(error_db).is_file() else None
     if db is not None and db.meta.get("model") not in (None, _source_name(model_name)):
         raise BadInput(f"error database {error_db} was measured on {db.meta.get('model')}, not {model_name}")
-    model.to(dev)
+    placement = place(model, dev, loader, load.max_memory)
     try:
         plan, db = plan_model(model, samples, recipe, seed, stats, on_step,
                               meta={"model": _source_name(model_name), "data": data, "seed": seed,
-                                    "nsamples": nsamples, "seqlen": seqlen}, db=db, measure=measure)
+                                    "nsamples": nsamples, "seqlen": seqlen}, db=db, measure=measure,
+                              placement=placement)
     finally:
-        model.to("cpu")
+        if loader is None:
+            model.to("cpu")
     if error_db and db is not None:
         from lwq.allocate.candidates import ErrorDB
 
         save_error_db(ErrorDB(db.entries, {**db.meta, "model": _source_name(model_name), "data": data}), error_db)
-    return plan, model
+    return plan, (model if loader is None else None)
+
+
+def reads_blocks_only(recipe: Any, data: str | None, calib: str | None, load: LoadOptions) -> bool:
+    """Whether planning under ``recipe`` can read the model one block at a time (``lwq.models.lazy``):
+    the measured or ``lim`` estimates with a non-search solver on real calibration text. Sampling text
+    from the model, the ``search`` solver and the weight-based scorers need it whole."""
+    from lwq.calib.data import SELF_DATA
+
+    return (recipe.scorer in ("sensitivity", "lim") and recipe.solver != "search" and calib is None
+            and data not in (None, SELF_DATA) and not load.trust_remote_code)

@@ -196,6 +196,7 @@ def quantize_with_budget(
                 max_pos = getattr(model.config, "max_position_embeddings", None)
                 seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
                 batches = calib_batches(model_name, data, nsamples, seqlen, seed, load, text_field, model)
+            # model: None when planning read it one block at a time; quantizing then does the same
             plan, model = plan_for_model(model_name, recipe, data, nsamples, seqlen, seed, load, text_field, calib,
                                          on_step, model=model, error_db=error_db, samples=batches,
                                          devices=devices)
@@ -205,7 +206,7 @@ def quantize_with_budget(
         from lwq.allocate.budget import budget_bytes, parse_budget
         from lwq.planning import rest_bytes
 
-        ref = model if model is not None else shapes
+        ref = model if model is not None else (shapes or _shapes_model(model_name, dtype, load))
         cap = budget_bytes(parse_budget(plan.budget), list(plan.layers.values()), rest_bytes(ref, model_shapes(ref)))
     extra = {"budget": plan.budget, "solver": plan.solver, "scorer": plan.scorer,
              "planned_bits_per_weight": plan.bits_per_weight, "budget_bytes": cap}

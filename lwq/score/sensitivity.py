@@ -5,11 +5,11 @@ model's distribution (default) or the increase in mean NLL. **Higher score = mor
 
 Fast path: the full-precision hidden states entering every block are computed once and cached on
 the CPU, so a trial in block ``i`` runs only blocks ``i..N-1`` and the head. Weights are restored
-bit for bit after each trial.
+bit for bit after each trial. Blocks can live off the device (``SensitivityProbe``'s ``loader``).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,8 @@ from torch import nn
 
 from lwq.backends.quant import rtn_fake_quant
 from lwq.models.arch import arch_for, get_blocks, linear_weight
-from lwq.models.blocks import BlockInputs, capture_block_inputs, head_logits, run_block
+from lwq.calib.stats import BlockLoader, ResidentBlocks
+from lwq.models.blocks import capture_block_inputs, head_logits, run_block
 from lwq.score.base import Scorer, ScoreConfig, ScoreInputs, Scores
 
 DEFAULT_BITS = 2
@@ -38,18 +39,6 @@ def _positions(ids: torch.Tensor, metric: str) -> int:
     return ids.shape[0] * (ids.shape[1] - (1 if metric == "nll" else 0))
 
 
-@torch.no_grad()
-def _cache_inputs(model: nn.Module, first: BlockInputs, device: torch.device) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
-    """Full-precision inputs of every block (CPU) and the final hidden states (CPU)."""
-    blocks = get_blocks(model)
-    per_block = [first.hidden]
-    hidden = first.hidden
-    for block in blocks:
-        hidden = [run_block(block, h.to(device), kw).cpu() for h, kw in zip(hidden, first.kwargs)]
-        per_block.append(hidden)
-    return per_block[:-1], per_block[-1]
-
-
 def _quantize_in_place(modules: list[nn.Module], bits: int, group_size: int, sym: bool) -> list[torch.Tensor]:
     """RTN-quantize each module's weight in place; returns the originals for ``_restore``."""
     saved = []
@@ -66,20 +55,34 @@ def _restore(modules: list[nn.Module], saved: list[torch.Tensor]) -> None:
 
 
 class SensitivityProbe:
-    """The cached full-precision state of one model on one set of samples: block inputs, final
-    hidden states and reference logits (computed once), so any number of trials can follow.
-    ``units(granularity)`` names what can be quantized alone; ``measure(names, ...)`` scores them."""
+    """The cached full-precision state of one model on one set of samples: block inputs (CPU) and
+    reference logits (CPU), computed once, so any number of trials can follow. ``units(granularity)``
+    names what can be quantized alone; ``measure(names, ...)`` scores them; ``plan_divergence``
+    scores several layers replaced at once (the ``search`` solver's objective).
+
+    Blocks come from ``loader`` (``lwq.calib.stats.BlockLoader``) one at a time: by default they stay
+    where they are; ``ResidentBlocks("cpu")`` keeps them in CPU memory and moves each to ``device``
+    for its turn (a model larger than the GPU), ``lwq.models.lazy.LazyBlocks`` reads them from disk.
+    Trials of the same block run side by side, so each later block is fetched once per group."""
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module, samples: torch.Tensor, metric: str = "kl", batch_size: int = 8) -> None:
+    def __init__(self, model: nn.Module, samples: torch.Tensor, metric: str = "kl", batch_size: int = 8,
+                 device: torch.device | str | None = None, loader: BlockLoader | None = None) -> None:
         self.model, self.metric = model, metric
         self.spec = arch_for(model)
         self.blocks = get_blocks(model, self.spec)
-        self.device = next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else next(self.blocks[0].parameters()).device
+        self.loader = loader or ResidentBlocks(str(next(self.blocks[0].parameters()).device))
         self.chunks = [samples[i:i + batch_size] for i in range(0, samples.shape[0], batch_size)]
         self.first = capture_block_inputs(model, self.chunks, self.device, self.spec, store="cpu")
-        self.inputs, final = _cache_inputs(model, self.first, self.device)
-        self.ref_logits = [head_logits(model, h.to(self.device), self.spec).cpu() for h in final]
+        self.inputs: list[list[torch.Tensor]] = []
+        hidden = self.first.hidden
+        for i in range(len(self.blocks)):
+            self.inputs.append(hidden)
+            block = self.loader.acquire(model, i, self.device)
+            hidden = [run_block(block, h.to(self.device), kw).cpu() for h, kw in zip(hidden, self.first.kwargs)]
+            self.loader.release(model, i)
+        self.ref_logits = [head_logits(model, h.to(self.device), self.spec).cpu() for h in hidden]
         self.n_pos = sum(_positions(c, metric) for c in self.chunks)
 
     def units(self, granularity: str = "block") -> dict[str, tuple[int, list[str]]]:
@@ -101,26 +104,73 @@ class SensitivityProbe:
         unknown = [n for n in names if n not in units]
         if unknown:
             raise KeyError(f"not a {granularity} of this model: {unknown[0]}")
+        by_block: dict[int, list[str]] = {}
+        for n in names:
+            by_block.setdefault(units[n][0], []).append(n)
         scores: Scores = {}
-        for step, name in enumerate(names):
-            i, rels = units[name]
-            mods = [self.blocks[i].get_submodule(r) for r in rels]
-            saved = _quantize_in_place(mods, bits, group_size, sym)
+        for i, group in sorted(by_block.items()):
+            block = self.loader.acquire(self.model, i, self.device)
+            hidden = {}
+            for name in group:
+                mods = [block.get_submodule(r) for r in units[name][1]]
+                saved = _quantize_in_place(mods, bits, group_size, sym)
+                try:
+                    hidden[name] = [run_block(block, h.to(self.device), kw)
+                                    for h, kw in zip(self.inputs[i], self.first.kwargs)]
+                finally:
+                    _restore(mods, saved)
+            self.loader.release(self.model, i)
+            totals = self._finish(i + 1, hidden, len(self.chunks))
+            for name in group:
+                scores[name] = float(totals[name]) / self.n_pos
+                if on_step is not None:
+                    on_step(len(scores), len(names))
+        return {n: scores[n] for n in names}
+
+    @torch.no_grad()
+    def plan_divergence(self, weights: Mapping[str, torch.Tensor], nchunks: int | None = None) -> float:
+        """Per-token divergence with every linear named in ``weights`` (full module names) holding
+        that weight instead of its own (restored after), on the first ``nchunks`` batches."""
+        n = len(self.chunks) if nchunks is None else max(1, min(nchunks, len(self.chunks)))
+        touched = sorted({int(k[len(self.spec.blocks) + 1:].split(".", 1)[0]) for k in weights})
+        if not touched:
+            return 0.0
+        start = touched[0]
+        hidden = {"plan": self.inputs[start][:n]}
+        for i in range(start, len(self.blocks)):
+            block = self.loader.acquire(self.model, i, self.device)
+            prefix = f"{self.spec.blocks}.{i}."
+            mods = {k: block.get_submodule(k[len(prefix):]) for k in weights if k.startswith(prefix)}
+            saved = {k: m.weight.data for k, m in mods.items()}
             try:
-                total = torch.zeros((), dtype=torch.float64)
-                for j, ids in enumerate(self.chunks):
-                    h = self.inputs[i][j].to(self.device)
-                    for k in range(i, len(self.blocks)):
-                        h = run_block(self.blocks[k], h, self.first.kwargs[j])
-                    logits = head_logits(self.model, h, self.spec)
-                    total += divergence(self.ref_logits[j].to(self.device), logits, ids.to(self.device),
-                                        self.metric).double().cpu()
+                for k, m in mods.items():
+                    m.weight.data = weights[k].to(self.device)
+                hidden["plan"] = [run_block(block, h.to(self.device), kw)
+                                  for h, kw in zip(hidden["plan"], self.first.kwargs)]
             finally:
-                _restore(mods, saved)
-            scores[name] = float(total) / self.n_pos
-            if on_step is not None:
-                on_step(step + 1, len(names))
-        return scores
+                for k, m in mods.items():
+                    m.weight.data = saved[k]
+            self.loader.release(self.model, i)
+        total = self._finish(len(self.blocks), hidden, n)["plan"]
+        return float(total) / sum(_positions(c, self.metric) for c in self.chunks[:n])
+
+    def _finish(self, start: int, hidden: dict[str, list[torch.Tensor]], n: int) -> dict[str, torch.Tensor]:
+        """Run each entry's hidden states (first ``n`` batches) through blocks ``start..N-1`` (each
+        block fetched once for all entries) and the head; summed divergence per entry."""
+        for k in range(start, len(self.blocks)):
+            block = self.loader.acquire(self.model, k, self.device)
+            hidden = {name: [run_block(block, h, kw) for h, kw in zip(hs, self.first.kwargs)]
+                      for name, hs in hidden.items()}
+            self.loader.release(self.model, k)
+        totals = {}
+        for name, hs in hidden.items():
+            total = torch.zeros((), dtype=torch.float64)
+            for j, h in enumerate(hs[:n]):
+                logits = head_logits(self.model, h, self.spec)
+                total += divergence(self.ref_logits[j].to(self.device), logits, self.chunks[j].to(self.device),
+                                    self.metric).double().cpu()
+            totals[name] = total
+        return totals
 
 
 def sensitivity_scores(
