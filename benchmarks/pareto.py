@@ -1,6 +1,6 @@
 """Perplexity against real bits per weight on the docs8 fixture: uniform GPTQ 2/3/4-bit and the
-budget solvers (``order`` with lim / zd, ``random`` ordering, ``dp`` on measured or Hessian errors,
-``search``) at several budgets, every plan quantized with GPTQ g128 on the same calibration windows.
+budget solvers (``order`` with lim / zd, ``random`` ordering, ``dp`` on measured errors (GPTQ trials:
+the default; ``dp-rtn``: round-to-nearest trials) or Hessian errors, ``search``) at several budgets, every plan quantized with GPTQ g128 on the same calibration windows.
 Also how much of the gap between uniform 3-bit and fp16 each method closes at 3.25 bpw. Prints
 markdown; writes benchmarks/out/pareto.json and benchmarks/out/pareto.png.
 
@@ -55,6 +55,7 @@ class Method:
     solver: str
     seeds: tuple[int, ...] = (0,)
     options: tuple[tuple[str, Any], ...] = ()
+    measure_with: str = "backend"
 
 
 def methods(generations: int) -> dict[str, Method]:
@@ -62,12 +63,13 @@ def methods(generations: int) -> dict[str, Method]:
                    ("low_fidelity", 1024))
     ms = [Method("order-lim", "lim", "order"), Method("order-zd", "zd", "order"),
           Method("random", "lim", "random", SEEDS),  # the scorer is unused by random ordering
-          Method("dp", "sensitivity", "dp"), Method("dp-hessian", "hessian", "dp"),
+          Method("dp", "sensitivity", "dp"), Method("dp-rtn", "sensitivity", "dp", measure_with="rtn"),
+          Method("dp-hessian", "hessian", "dp"),
           Method("search", "sensitivity", "search", options=search_opts)]
     return {m.name: m for m in ms}
 
 
-QUICK_METHODS = ("order-lim", "order-zd", "random", "dp", "dp-hessian")
+QUICK_METHODS = ("order-lim", "order-zd", "random", "dp", "dp-rtn", "dp-hessian")
 
 
 def log(msg: str) -> None:
@@ -86,7 +88,7 @@ class Bench:
         t0 = time.perf_counter()
         self.stats = collect_stats(self.model, self.samples, "cpu", hessians=True)
         log(f"calibration statistics: {time.perf_counter() - t0:.1f}s")
-        self.db: Any = None
+        self.dbs: dict[str, Any] = {}  # measured-error database per kind of trial
         self.evaluated: dict[tuple, dict[str, float]] = {}
         self.names = linear_names(self.model)
         self.numel = sum(self.model.get_submodule(n).weight.numel() for n in self.names)
@@ -112,10 +114,11 @@ class Bench:
 
     def plan(self, m: Method, budget: float, seed: int) -> tuple[dict[str, LayerSpec], dict[str, Any]]:
         recipe = Recipe(budget=f"{budget}bit", scorer=m.scorer, solver=m.solver, backend="gptq", group_size=GROUP,
-                        nsamples=self.samples.shape[0], seqlen=self.seqlen, options=dict(m.options))
-        plan, db = plan_model(self.model, self.samples, recipe, seed, self.stats, db=self.db)
+                        nsamples=self.samples.shape[0], seqlen=self.seqlen, options=dict(m.options),
+                        measure_with=m.measure_with)
+        plan, db = plan_model(self.model, self.samples, recipe, seed, self.stats, db=self.dbs.get(m.measure_with))
         if db is not None:
-            self.db = db
+            self.dbs[m.measure_with] = db
         return plan.specs, {"planned_bits_per_weight": plan.bits_per_weight,
                             "bits": [s.bits for s in plan.specs.values()],
                             "solver_info": plan.meta.get("solver_info", {})}
@@ -297,14 +300,20 @@ def main(argv: list[str] | None = None) -> int:
         spec = make_spec(b, GROUP, False, "gptq")
         uniform[str(b)] = bench.quantized({n: spec for n in bench.names})
         log(f"uniform {b}-bit: bpw {uniform[str(b)]['bits_per_weight']:.4f} ppl {uniform[str(b)]['perplexity']:.3f}")
-    if args.error_db and Path(args.error_db).is_file():
-        bench.db = load_error_db(args.error_db)
-        want = {"nsamples": min(MEASURE_SAMPLES, args.nsamples), "seqlen": args.seqlen, "model": "docs8"}
-        if any(bench.db.meta.get(k) != v for k, v in want.items()):
-            ap.error(f"{args.error_db} was measured with {dict(bench.db.meta)}, not {want}")
+    db_files = {} if not args.error_db else {
+        "backend": Path(args.error_db), "rtn": Path(args.error_db).with_name(Path(args.error_db).stem + "-rtn.json")}
+    for trials, path in db_files.items():
+        if path.is_file():
+            db = load_error_db(path)
+            want = {"nsamples": min(MEASURE_SAMPLES, args.nsamples), "seqlen": args.seqlen, "model": "docs8",
+                    "trials": trials}
+            if any(db.meta.get(k, "rtn" if k == "trials" else None) != v for k, v in want.items()):
+                ap.error(f"{path} was measured with {dict(db.meta)}, not {want}")
+            bench.dbs[trials] = db
     results = run_methods(bench, [table[n] for n in names], budgets, log)
-    if args.error_db and bench.db is not None:
-        save_error_db(ErrorDB(bench.db.entries, {**bench.db.meta, "model": "docs8"}), args.error_db)
+    for trials, db in bench.dbs.items():
+        if trials in db_files:
+            save_error_db(ErrorDB(db.entries, {**db.meta, "model": "docs8"}), db_files[trials])
     out = Path(args.out)
     if args.merge and (out / "pareto.json").is_file():
         earlier = json.loads((out / "pareto.json").read_text())
@@ -316,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         "budgets": budgets, "threads": args.threads, "search_generations": args.generations,
         "fp32": {"perplexity": fp32, "bits_per_weight": 32.0}, "fp16": {"perplexity": fp16, "bits_per_weight": 16.0},
         "uniform": uniform, "methods": results,
-        "error_db_measured": None if bench.db is None else {"nsamples": bench.db.meta.get("nsamples"),
-                                                            "seqlen": bench.db.meta.get("seqlen")},
+        "error_db_measured": {t: {"nsamples": db.meta.get("nsamples"), "seqlen": db.meta.get("seqlen")}
+                              for t, db in bench.dbs.items()},
     }
     doc["gap_closure"] = gap_closure(doc) if 3.25 in budgets else {}
     doc["criteria"] = criteria(doc)

@@ -57,15 +57,33 @@ def make_tasks(todo: Mapping[LayerSpec, Sequence[str]], block_of: Callable[[str]
     return sorted(tasks, key=lambda t: -(nblocks - t.block) * len(t.names))
 
 
-def run_task(probe: Any, task: MeasureTask) -> dict[str, float]:
-    """The KL of every linear of ``task`` (clamped at 0: tiny negative values are float noise)."""
+def backend_quantizer(spec: LayerSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """What a trial of ``spec`` quantizes with when estimates follow the backend: GPTQ (on the
+    layer's full-precision-input Hessian) for ``gptq`` specs; None (round-to-nearest) otherwise."""
+    if spec.backend != "gptq":
+        return None
+    from lwq.backends.gptq import gptq_quantize
+    from lwq.backends.quant import QParams, dequantize
+
+    def fake(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        qw = gptq_quantize(W, H, spec)
+        return dequantize(qw.q, QParams(qw.scale, qw.zero), qw.g_idx)
+
+    return fake
+
+
+def run_task(probe: Any, task: MeasureTask, follow_backend: bool = False) -> dict[str, float]:
+    """The KL of every linear of ``task`` (clamped at 0: tiny negative values are float noise);
+    ``follow_backend``: quantize trials with ``backend_quantizer`` instead of round-to-nearest."""
     sp = task.spec
-    kl = probe.measure(list(task.names), "linear", bits=sp.bits, group_size=sp.group_size, sym=sp.sym)
+    quantizer = backend_quantizer(sp) if follow_backend else None
+    kl = probe.measure(list(task.names), "linear", bits=sp.bits, group_size=sp.group_size, sym=sp.sym,
+                       quantizer=quantizer)
     return {n: max(float(v), 0.0) for n, v in kl.items()}
 
 
 def measure_local(model: torch.nn.Module, samples: torch.Tensor, tasks: Sequence[MeasureTask],
-                  on_step: Progress | None = None, placement: Any = None) -> Entries:
+                  on_step: Progress | None = None, placement: Any = None, follow_backend: bool = False) -> Entries:
     """Run ``tasks`` on ``model`` in this process, where ``placement`` (``lwq.models.placement``) says
     (default: where the model is); returns name -> spec key -> KL."""
     from lwq.allocate.candidates import spec_key
@@ -77,7 +95,7 @@ def measure_local(model: torch.nn.Module, samples: torch.Tensor, tasks: Sequence
     probe = SensitivityProbe(model, samples, device=placement.device if placement else None,
                              loader=placement.loader if placement else None)
     for k, task in enumerate(tasks):
-        for name, v in run_task(probe, task).items():
+        for name, v in run_task(probe, task, follow_backend).items():
             entries.setdefault(name, {})[spec_key(task.spec)] = v
         if on_step is not None:
             on_step(k + 1, len(tasks))
@@ -103,7 +121,8 @@ def parse_devices(text: str | None) -> list[str]:
     return out
 
 
-def _worker(source: ModelSource, device: str, threads: int, samples: torch.Tensor, tasks: Any, results: Any) -> None:
+def _worker(source: ModelSource, device: str, threads: int, samples: torch.Tensor, tasks: Any, results: Any,
+            follow_backend: bool = False) -> None:
     """A worker process: load the model on ``device``, then measure tasks until a ``None`` arrives.
     Sends ``("ok", task index, values)`` per task, or ``("error", device, message, exit code, traceback)``."""
     try:
@@ -113,7 +132,7 @@ def _worker(source: ModelSource, device: str, threads: int, samples: torch.Tenso
         model, placement = _load_placed(source, torch.device(device))
         probe = SensitivityProbe(model, samples, device=placement.device, loader=placement.loader)
         for index, task in iter(tasks.get, None):
-            results.put(("ok", index, run_task(probe, task)))
+            results.put(("ok", index, run_task(probe, task, follow_backend)))
     except BaseException as exc:  # reported to the parent, which raises it; nothing is swallowed
         known = isinstance(exc, LwqError)
         text = str(exc) if known else f"{type(exc).__name__}: {exc}"
@@ -139,7 +158,7 @@ def _load_placed(source: ModelSource, device: torch.device) -> tuple[torch.nn.Mo
 
 
 def measure_parallel(source: ModelSource, samples: torch.Tensor, tasks: Sequence[MeasureTask], devices: Sequence[str],
-                     on_step: Progress | None = None) -> Entries:
+                     on_step: Progress | None = None, follow_backend: bool = False) -> Entries:
     """Run ``tasks`` on one worker process per entry of ``devices`` (see module docstring)."""
     import multiprocessing as mp
 
@@ -154,7 +173,7 @@ def measure_parallel(source: ModelSource, samples: torch.Tensor, tasks: Sequence
         todo.put(item)
     ncpu = sum(1 for d in devices if d.startswith("cpu"))
     threads = max(1, (os.cpu_count() or 1) // max(ncpu, 1))
-    procs = [ctx.Process(target=_worker, args=(source, d, threads, samples, todo, results), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(source, d, threads, samples, todo, results, follow_backend), daemon=True)
              for d in devices]
     for _ in procs:
         todo.put(None)
@@ -198,7 +217,7 @@ def parallel_measure(source: ModelSource, devices: Sequence[str]) -> Callable[..
     the caller's copy of the model waits on the CPU meanwhile (so a GPU never holds two copies)."""
 
     def measure(model: torch.nn.Module, samples: torch.Tensor, tasks: Sequence[MeasureTask],
-                on_step: Progress | None = None, placement: Any = None) -> Entries:
+                on_step: Progress | None = None, placement: Any = None, follow_backend: bool = False) -> Entries:
         from lwq.models.placement import Placement, park, unpark
 
         if not tasks:
@@ -206,7 +225,7 @@ def parallel_measure(source: ModelSource, devices: Sequence[str]) -> Callable[..
         placement = placement or Placement(next(model.parameters()).device)
         park(model, placement)
         try:
-            return measure_parallel(source, samples.cpu(), tasks, devices, on_step)
+            return measure_parallel(source, samples.cpu(), tasks, devices, on_step, follow_backend)
         finally:
             unpark(model, placement)
 

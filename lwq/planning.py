@@ -56,15 +56,21 @@ def _block_of(linear: str, blocks: str) -> str:
 
 def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list[Any], db: Any = None,
                     on_step: Progress | None = None, measure: Any = None,
-                    placement: Placement | None = None) -> tuple[list[Any], Any]:
+                    placement: Placement | None = None, trials: str = "backend") -> tuple[list[Any], Any]:
     """Fill every candidate's error with its measured KL (see module docstring); entries already in
     ``db`` (an ``ErrorDB`` for this model and data) are reused. ``measure(model, samples, tasks,
-    on_step, placement)`` runs the missing ``lwq.measure.MeasureTask``s (default ``measure_local``;
-    see ``parallel_measure`` for several devices). Returns the layers and the database."""
+    on_step, placement, follow_backend)`` runs the missing ``lwq.measure.MeasureTask``s (default
+    ``measure_local``; see ``parallel_measure`` for several devices); ``trials``: ``backend`` (each
+    trial quantized by the candidate's backend, GPTQ included) or ``rtn``; a database measured the
+    other way is refused. Returns the layers and the database."""
     from lwq.allocate.candidates import ErrorDB, db_errors, spec_key
     from lwq.measure import make_tasks, measure_local
 
     entries = {n: dict(e) for n, e in (db.entries if db is not None else {}).items()}
+    made = (db.meta.get("trials", "rtn") if db is not None else trials)  # databases before 0.2: rtn trials
+    if entries and made != trials:
+        raise BadInput(f"the error database was measured with {made} trials, not {trials}: "
+                       f"pass --measure-with {made} or use another --error-db file")
     todo: dict[LayerSpec, list[str]] = {}
     for lc in layers:
         for c in lc.candidates:
@@ -75,7 +81,8 @@ def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list
     samples = samples[:MEASURE_SAMPLES] if samples is not None else None
     blocks = arch_for(model).blocks
     tasks = make_tasks(todo, lambda n: int(n[len(blocks) + 1:].split(".", 1)[0]), len(get_blocks(model)))
-    measured = (measure or measure_local)(model, samples, tasks, on_step, placement or _where(model))
+    measured = (measure or measure_local)(model, samples, tasks, on_step, placement or _where(model),
+                                          trials == "backend")
     for name, values in measured.items():
         entries.setdefault(name, {}).update(values)
     for lc in layers:
@@ -85,6 +92,7 @@ def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list
     meta = dict(db.meta) if db is not None else {}
     if samples is not None:
         meta.update({"metric": "kl", "nsamples": int(samples.shape[0]), "seqlen": int(samples.shape[1])})
+    meta["trials"] = trials
     out = ErrorDB(entries, meta)
     return db_errors(layers, out), out
 
@@ -101,7 +109,7 @@ def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, 
     layers = make_candidates(shapes, recipe.bits, recipe.backend, recipe.group_size, recipe.sym, recipe.act_bits)
     scorer = SCORERS.get(recipe.scorer)
     if recipe.scorer == "sensitivity":
-        return measured_errors(model, samples, layers, db, on_step, measure, placement)
+        return measured_errors(model, samples, layers, db, on_step, measure, placement, recipe.measure_with)
     placement = placement or _where(model)
     device = placement.device
     if stats is None and scorer.needs & {"stats", "hessians"}:

@@ -29,13 +29,17 @@ from lwq.spec import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 RECIPE_VERSION = 1
 RUNTIME_ONLY = ("evaluate", "start")  # solver options only code can pass
+MEASURE_WITH = ("backend", "rtn")
 
 
 @dataclass(frozen=True)
 class Recipe:
     """How to plan and quantize. ``bits``: candidate widths; ``tie``: ``none``, ``fused`` (q/k/v and
     gate/up share a width) or ``block`` (all linears of a block share one; both need ``ilp``);
-    ``options``: extra keyword options for the solver (e.g. ``generations`` for ``search``)."""
+    ``options``: extra keyword options for the solver (e.g. ``generations`` for ``search``);
+    ``measure_with``: how the measured estimate quantizes each trial: ``backend`` (GPTQ for gptq
+    candidates, on the layer's full-precision-input Hessian; round-to-nearest for the others) or
+    ``rtn`` (round-to-nearest for all: faster, a rougher proxy for GPTQ)."""
 
     budget: str | None = None
     scorer: str = "sensitivity"
@@ -49,6 +53,7 @@ class Recipe:
     seqlen: int = 2048
     data: str | None = None
     tie: str = "none"
+    measure_with: str = "backend"
     description: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
     version: int = RECIPE_VERSION
@@ -90,6 +95,7 @@ def _check(r: Recipe) -> None:
         want(key, isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer")
     want("data", r.data is None or isinstance(r.data, str), "a path or dataset name")
     want("tie", r.tie in TIE_MODES, f"one of {', '.join(TIE_MODES)}")
+    want("measure_with", r.measure_with in MEASURE_WITH, f"one of {', '.join(MEASURE_WITH)}")
     if r.tie != "none" and r.solver != "ilp":
         raise BadInput(f"recipe: tie {r.tie} needs solver ilp, not {r.solver}")
     want("description", isinstance(r.description, str), "a string")

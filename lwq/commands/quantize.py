@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from lwq.commands.common import (
-    BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, TIE_OPT, CALIB_OPT, DATA_OPT,
+    BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, MEASURE_WITH_OPT, TIE_OPT, CALIB_OPT, DATA_OPT,
     DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, MAX_MEMORY_OPT, JSON_OPT, parse_size, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
 )
 from lwq.allocate.recipes import Recipe, load_recipe, merge, parse_bits
@@ -53,6 +53,7 @@ def quantize_command(
     scorer: Optional[str] = SCORER_OPT,
     candidate_bits: Optional[str] = CANDIDATE_BITS_OPT,
     tie: Optional[str] = TIE_OPT,
+    measure_with: Optional[str] = MEASURE_WITH_OPT,
     calib: Optional[str] = CALIB_OPT,
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns per scale: 32, 64, 128 (default), 256 or -1 (per channel)."),
     sym: bool = typer.Option(False, "--sym/--no-sym", help="Symmetric grid (default: asymmetric with zero points)."),
@@ -85,7 +86,7 @@ def quantize_command(
         raise BadInput("--devices spreads planning measurements over devices: it needs --budget or a --config recipe")
     if bits is None:
         recipe = budget_recipe(config, budget, solver, scorer, candidate_bits, backend, group_size, sym, act_bits,
-                               nsamples, seqlen, data, tie)
+                               nsamples, seqlen, data, tie, measure_with)
         if recipe.budget is None and plan_file is None:
             raise BadInput("nothing to do: pass --bits B, --budget (e.g. 3.25bit), --plan plan.json or a --config recipe")
         with progress(quiet or json_out) as prog:
@@ -126,7 +127,7 @@ def parse_alpha(text: str) -> float | None:
 def budget_recipe(config: str | None, budget: str | None, solver: str | None, scorer: str | None,
                   candidate_bits: str | None, backend: str | None, group_size: int | None, sym: bool,
                   act_bits: int | None, nsamples: int | None, seqlen: int | None, data: str | None,
-                  tie: str | None) -> Recipe:
+                  tie: str | None, measure_with: str | None = None) -> Recipe:
     """The recipe from ``--config`` (or the defaults) with the flags that were given on top."""
     from lwq.score import SCORERS
 
@@ -134,7 +135,7 @@ def budget_recipe(config: str | None, budget: str | None, solver: str | None, sc
     overrides = {"budget": budget, "solver": solver, "scorer": scorer,
                  "bits": parse_bits(candidate_bits) if candidate_bits else None, "backend": backend,
                  "group_size": group_size, "sym": sym or None, "act_bits": act_bits, "nsamples": nsamples,
-                 "seqlen": seqlen, "data": data, "tie": tie}
+                 "seqlen": seqlen, "data": data, "tie": tie, "measure_with": measure_with}
     recipe = merge(base, overrides)
     SCORERS.get(recipe.scorer)
     return recipe

@@ -22,6 +22,7 @@ from lwq.models.blocks import capture_block_inputs, head_logits, run_block
 from lwq.score.base import Scorer, ScoreConfig, ScoreInputs, Scores
 
 DEFAULT_BITS = 2
+FakeQuant = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (W (out, in), H (in, in)) -> dequantized W
 
 
 def divergence(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, metric: str) -> torch.Tensor:
@@ -46,6 +47,16 @@ def _quantize_in_place(modules: list[nn.Module], bits: int, group_size: int, sym
         w = linear_weight(mod)
         saved.append(mod.weight.detach().clone())
         w.copy_(rtn_fake_quant(w.detach().float(), bits, group_size, sym).to(w.dtype))
+    return saved
+
+
+def _replace_in_place(modules: list[nn.Module], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Give each module the (out, in) weight in ``weights``; returns the originals for ``_restore``."""
+    saved = []
+    for mod, W in zip(modules, weights):
+        w = linear_weight(mod)
+        saved.append(mod.weight.detach().clone())
+        w.copy_(W.to(w.dtype))
     return saved
 
 
@@ -98,8 +109,11 @@ class SensitivityProbe:
 
     @torch.no_grad()
     def measure(self, names: list[str], granularity: str = "block", bits: int = DEFAULT_BITS, group_size: int = 128,
-                sym: bool = False, on_step: Callable[[int, int], None] | None = None) -> Scores:
-        """Per-token divergence of each unit in ``names`` quantized alone (weights restored after each)."""
+                sym: bool = False, on_step: Callable[[int, int], None] | None = None,
+                quantizer: FakeQuant | None = None) -> Scores:
+        """Per-token divergence of each unit in ``names`` quantized alone (weights restored after each):
+        round-to-nearest at ``bits``/``group_size``/``sym``, or ``quantizer(W, H)`` (W float (out, in),
+        H the linear's ``XᵀX/n`` on the full-precision inputs of its block, e.g. GPTQ) when given."""
         units = self.units(granularity)
         unknown = [n for n in names if n not in units]
         if unknown:
@@ -110,10 +124,16 @@ class SensitivityProbe:
         scores: Scores = {}
         for i, group in sorted(by_block.items()):
             block = self.loader.acquire(self.model, i, self.device)
+            rels = list(dict.fromkeys(r for name in group for r in units[name][1]))
+            hessians = self._hessians(block, i, rels) if quantizer is not None else {}
             hidden = {}
             for name in group:
                 mods = [block.get_submodule(r) for r in units[name][1]]
-                saved = _quantize_in_place(mods, bits, group_size, sym)
+                if quantizer is None:
+                    saved = _quantize_in_place(mods, bits, group_size, sym)
+                else:
+                    saved = _replace_in_place(mods, [quantizer(linear_weight(m).float(), hessians[r])
+                                                     for m, r in zip(mods, units[name][1])])
                 try:
                     hidden[name] = [run_block(block, h.to(self.device), kw)
                                     for h, kw in zip(self.inputs[i], self.first.kwargs)]
@@ -126,6 +146,27 @@ class SensitivityProbe:
                 if on_step is not None:
                     on_step(len(scores), len(names))
         return {n: scores[n] for n in names}
+
+    def _hessians(self, block: nn.Module, i: int, rels: list[str]) -> dict[str, torch.Tensor]:
+        """``XᵀX / n`` of each linear ``rels`` of block ``i`` on the cached full-precision inputs."""
+        sums: dict[str, torch.Tensor] = {}
+        count: dict[str, int] = {}
+
+        def hook(rel: str) -> Callable[..., None]:
+            def add(_m: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[rel] = sums.get(rel, 0) + x.t() @ x
+                count[rel] = count.get(rel, 0) + x.shape[0]
+            return add
+
+        handles = [block.get_submodule(r).register_forward_hook(hook(r)) for r in rels]
+        try:
+            for h, kw in zip(self.inputs[i], self.first.kwargs):
+                run_block(block, h.to(self.device), kw)
+        finally:
+            for hd in handles:
+                hd.remove()
+        return {r: sums[r] / count[r] for r in rels}
 
     @torch.no_grad()
     def plan_divergence(self, weights: Mapping[str, torch.Tensor], nchunks: int | None = None) -> float:
