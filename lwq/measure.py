@@ -171,8 +171,7 @@ def measure_parallel(source: ModelSource, samples: torch.Tensor, tasks: Sequence
     todo, results = ctx.Queue(), ctx.Queue()
     for item in enumerate(tasks):
         todo.put(item)
-    ncpu = sum(1 for d in devices if d.startswith("cpu"))
-    threads = max(1, (os.cpu_count() or 1) // max(ncpu, 1))
+    threads = max(1, (os.cpu_count() or 1) // len(devices))  # the host's cores, shared by the workers
     procs = [ctx.Process(target=_worker, args=(source, d, threads, samples, todo, results, follow_backend), daemon=True)
              for d in devices]
     for _ in procs:

@@ -26,8 +26,8 @@ from lwq.allocate.plan import Plan, plan_from_allocation
 from lwq.allocate.recipes import Recipe
 from lwq.backends.quant import rtn_fake_quant
 from lwq.errors import BadInput
-from lwq.models.placement import Placement
 from lwq.models.arch import LINEAR_TYPES, arch_for, get_blocks, linear_names, linear_shape, linear_weight
+from lwq.models.placement import Placement
 from lwq.spec import LayerSpec
 
 Progress = Callable[[int, int], None]
@@ -67,7 +67,7 @@ def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list
     from lwq.measure import make_tasks, measure_local
 
     entries = {n: dict(e) for n, e in (db.entries if db is not None else {}).items()}
-    made = (db.meta.get("trials", "rtn") if db is not None else trials)  # databases before 0.2: rtn trials
+    made = db.meta.get("trials", "rtn") if db is not None else trials  # older databases did not record it: rtn
     if entries and made != trials:
         raise BadInput(f"the error database was measured with {made} trials, not {trials}: "
                        f"pass --measure-with {made} or use another --error-db file")

@@ -102,7 +102,7 @@ class ResidentBlocks:
         get_blocks(model)[i].to(self.home)
 
 
-class _Accumulator:
+class InputAccumulator:
     """Running statistics of one linear's input (X rows are tokens)."""
 
     def __init__(self, in_features: int, device: torch.device, hessian: bool) -> None:
@@ -189,7 +189,7 @@ def collect_stats(
     try:
         for i in range(len(blocks)):
             block = loader.acquire(model, i, device)
-            accs = {rel: _Accumulator(linear_shape(block.get_submodule(rel))[1], device, hessians)
+            accs = {rel: InputAccumulator(linear_shape(block.get_submodule(rel))[1], device, hessians)
                     for rel in dict.fromkeys(leaders.values())}
             handles = [block.get_submodule(rel).register_forward_hook(
                 lambda _m, args, _out, acc=acc: acc.add(args[0])) for rel, acc in accs.items()]

@@ -18,11 +18,11 @@ def plan_for_model(
     Calibration windows come from ``data`` when the scorer or solver needs them; ``calib`` reuses the
     statistics of an ``lwq calibrate`` folder instead of collecting them; ``error_db``: a JSON file of
     measured errors reused when present and written after measuring; ``devices``: two or more devices
-(``lwq.measure.parse_devices``) measure the error database in parallel, one worker process each
-(one device: planning runs there). The model goes whole onto the device when it fits, else its
-blocks take turns (``lwq.models.placement``); when ``reads_blocks_only`` it is read from its files
-one block at a time unless it fits. Returns ``(plan, model)``; ``model`` is None when it was read
-that way (load it again, lazily, to quantize)."""
+    (``lwq.measure.parse_devices``) measure the error database in parallel, one worker process each
+    (one device: planning runs there). The model goes whole onto the device when it fits, else its
+    blocks take turns (``lwq.models.placement``); when ``reads_blocks_only`` it is read from its files
+    one block at a time unless it fits. Returns ``(plan, model)``; ``model`` is None when it was read
+    that way (load it again, lazily, to quantize)."""
     from pathlib import Path
 
     from lwq.allocate.candidates import load_error_db, save_error_db

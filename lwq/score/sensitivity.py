@@ -17,7 +17,7 @@ from torch import nn
 
 from lwq.backends.quant import rtn_fake_quant
 from lwq.models.arch import arch_for, get_blocks, linear_weight
-from lwq.calib.stats import BlockLoader, ResidentBlocks
+from lwq.calib.stats import BlockLoader, InputAccumulator, ResidentBlocks
 from lwq.models.blocks import capture_block_inputs, head_logits, run_block
 from lwq.score.base import Scorer, ScoreConfig, ScoreInputs, Scores
 
@@ -157,25 +157,18 @@ class SensitivityProbe:
             self.loader.release(self.model, i)
 
     def _hessians(self, block: nn.Module, i: int, rels: list[str]) -> dict[str, torch.Tensor]:
-        """``XᵀX / n`` of each linear ``rels`` of block ``i`` on the cached full-precision inputs."""
-        sums: dict[str, torch.Tensor] = {}
-        count: dict[str, int] = {}
-
-        def hook(rel: str) -> Callable[..., None]:
-            def add(_m: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                sums[rel] = sums.get(rel, 0) + x.t() @ x
-                count[rel] = count.get(rel, 0) + x.shape[0]
-            return add
-
-        handles = [block.get_submodule(r).register_forward_hook(hook(r)) for r in rels]
+        """``XᵀX / n`` of each linear ``rels`` of block ``i`` on the cached full-precision inputs
+        (accumulated as calibration does: ``lwq.calib.stats.InputAccumulator``)."""
+        accs = {r: InputAccumulator(linear_weight(block.get_submodule(r)).shape[1], self.device, True) for r in rels}
+        handles = [block.get_submodule(r).register_forward_hook(lambda _m, args, _out, acc=acc: acc.add(args[0]))
+                   for r, acc in accs.items()]
         try:
             for h, kw in zip(self.inputs[i], self.first.kwargs):
                 run_block(block, h.to(self.device), kw)
         finally:
             for hd in handles:
                 hd.remove()
-        return {r: sums[r] / count[r] for r in rels}
+        return {r: acc.H for r, acc in accs.items()}
 
     @torch.no_grad()
     def plan_divergence(self, weights: Mapping[str, torch.Tensor], nchunks: int | None = None) -> float:
