@@ -132,40 +132,26 @@ def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, 
 
 class KlEvaluator:
     """``evaluate(plan, fidelity) -> loss`` for the ``search`` solver: mean next-token KL divergence
-    (nats per token) of the model with every planned layer quantized per its spec, against the full
+    (nats per token) of the model with every planned layer RTN-quantized per its spec, against the full
     model, on the first ``ceil(fidelity / seqlen)`` calibration samples (rounded up to whole batches).
-    Layers are quantized with round-to-nearest, or with their backend when ``follow_backend`` (GPTQ
-    on each layer's full-precision-input Hessian, as the measured estimate does).
     Runs block by block through a ``SensitivityProbe`` (so blocks may live off the device: ``loader``);
     quantized weights are cached per (layer, spec); the model's weights are never changed."""
 
     def __init__(self, model: nn.Module, samples: torch.Tensor, batch_size: int = 8, device: Any = None,
-                 loader: Any = None, follow_backend: bool = False) -> None:
+                 loader: Any = None) -> None:
         from lwq.score.sensitivity import SensitivityProbe
 
         self.samples, self.batch_size = samples, batch_size
         self.modules = {n: model.get_submodule(n) for n in linear_names(model)}
         self.probe = SensitivityProbe(model, samples, "kl", batch_size, device, loader)
         self.cache: dict[tuple[str, LayerSpec], torch.Tensor] = {}
-        self.follow_backend = follow_backend
-        self.hessians: dict[int, dict[str, torch.Tensor]] = {}  # per block, computed when first needed
 
     def _quantized(self, name: str, spec: LayerSpec) -> torch.Tensor:
-        from lwq.measure import backend_quantizer
-
         key = (name, spec)
         if key not in self.cache:
             mod = self.modules[name]
             W = linear_weight(mod).detach().float()
-            quantizer = backend_quantizer(spec) if self.follow_backend else None
-            if quantizer is None:
-                Wq = rtn_fake_quant(W, spec.bits, spec.group_size, spec.sym)
-            else:
-                blocks = self.probe.spec.blocks
-                i, _, rel = name[len(blocks) + 1:].partition(".")
-                if int(i) not in self.hessians:
-                    self.hessians[int(i)] = self.probe.block_hessians(int(i))
-                Wq = quantizer(W, self.hessians[int(i)][rel])
+            Wq = rtn_fake_quant(W, spec.bits, spec.group_size, spec.sym)
             self.cache[key] = (Wq.t() if mod.weight.shape != W.shape else Wq).to(mod.weight.dtype)
         return self.cache[key]
 
@@ -193,8 +179,7 @@ def solver_options(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
         if samples is None:
             raise BadInput("the search solver measures real loss: pass --data PATH")
         where = placement or _where(model)
-        opts["evaluate"] = KlEvaluator(model, samples, device=where.device, loader=where.loader,
-                                       follow_backend=recipe.measure_with == "backend")
+        opts["evaluate"] = KlEvaluator(model, samples, device=where.device, loader=where.loader)
         opts.setdefault("seed", seed)
         opts.setdefault("fidelity", int(samples.numel()))
     return opts

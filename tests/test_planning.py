@@ -215,17 +215,3 @@ def test_bad_plans_and_modes_are_one_line_errors(tiny, tmp_path, capsys):
         assert not (tmp_path / "never").exists()
     assert quantize_cli(tiny, tmp_path / "never", "--bits", "4", "--budget", "3.25bit") == 2
     assert "--bits" in one_error_line(capsys) and not (tmp_path / "never").exists()
-
-
-def test_kl_evaluator_following_the_backend_uses_gptq():
-    model = tiny_model("llama")
-    names = linear_names(model)
-    samples = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    full = int(samples.numel())
-    rtn_ev, gptq_ev = KlEvaluator(model, samples), KlEvaluator(model, samples, follow_backend=True)
-    gptq_plan = {n: make_spec(2, 32, backend="gptq") for n in names}
-    rtn_plan = {n: make_spec(2, 32, backend="rtn") for n in names}
-    assert gptq_ev(rtn_plan, full) == pytest.approx(rtn_ev(rtn_plan, full), rel=1e-6)  # rtn specs stay rtn
-    assert rtn_ev(gptq_plan, full) == pytest.approx(rtn_ev(rtn_plan, full), rel=1e-6)  # the proxy ignores backends
-    assert 0 < gptq_ev(gptq_plan, full) < rtn_ev(gptq_plan, full)
-    assert set(gptq_ev.hessians) == {0, 1}  # one Hessian set per block, computed once

@@ -147,15 +147,6 @@ class SensitivityProbe:
                     on_step(len(scores), len(names))
         return {n: scores[n] for n in names}
 
-    @torch.no_grad()
-    def block_hessians(self, i: int) -> dict[str, torch.Tensor]:
-        """``XᵀX / n`` of every linear of block ``i`` (relative names) on its full-precision inputs."""
-        block = self.loader.acquire(self.model, i, self.device)
-        try:
-            return self._hessians(block, i, list(self.spec.linears))
-        finally:
-            self.loader.release(self.model, i)
-
     def _hessians(self, block: nn.Module, i: int, rels: list[str]) -> dict[str, torch.Tensor]:
         """``XᵀX / n`` of each linear ``rels`` of block ``i`` on the cached full-precision inputs
         (accumulated as calibration does: ``lwq.calib.stats.InputAccumulator``)."""
