@@ -93,7 +93,8 @@ class SensitivityProbe:
             block = self.loader.acquire(model, i, self.device)
             hidden = [run_block(block, h.to(self.device), kw).cpu() for h, kw in zip(hidden, self.first.kwargs)]
             self.loader.release(model, i)
-        self.ref_logits = [head_logits(model, h.to(self.device), self.spec).cpu() for h in hidden]
+        self.ref_logits = [torch.cat([head_logits(model, h[r:r + 1].to(self.device), self.spec).cpu()
+                                      for r in range(h.shape[0])]) for h in hidden]
         self.n_pos = sum(_positions(c, metric) for c in self.chunks)
 
     def units(self, granularity: str = "block") -> dict[str, tuple[int, list[str]]]:
@@ -200,9 +201,10 @@ class SensitivityProbe:
         for name, hs in hidden.items():
             total = torch.zeros((), dtype=torch.float64)
             for j, h in enumerate(hs[:n]):
-                logits = head_logits(self.model, h, self.spec)
-                total += divergence(self.ref_logits[j].to(self.device), logits, self.chunks[j].to(self.device),
-                                    self.metric).double().cpu()
+                for r in range(h.shape[0]):  # one sequence at a time: logits of a large vocabulary are big
+                    logits = head_logits(self.model, h[r:r + 1], self.spec)
+                    total += divergence(self.ref_logits[j][r:r + 1].to(self.device), logits,
+                                        self.chunks[j][r:r + 1].to(self.device), self.metric).double().cpu()
             totals[name] = total
         return totals
 
