@@ -55,7 +55,7 @@ def run(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LWQ_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
-    _quiet_libraries()
+    _prepare_environment()
     try:
         rv = app(args=args, prog_name="lwq", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -78,9 +78,12 @@ def run(argv: list[str] | None = None) -> int:
         return _fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_FAILURE)
 
 
-def _quiet_libraries() -> None:
-    """Keep third-party progress bars and advice off our stderr (rich bars are ours)."""
+def _prepare_environment() -> None:
+    """Keep third-party progress bars and advice off our stderr (rich bars are ours); let cuBLAS
+    be deterministic (it reads ``CUBLAS_WORKSPACE_CONFIG`` once, when its first handle is made, which
+    planning may do before quantizing asks for determinism; a value the user set is kept)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -106,3 +106,15 @@ def test_budget_without_data_samples_the_model_once(tiny, tmp_path, capsys, monk
     summary = json.loads(capsys.readouterr().out)
     assert summary["bits_per_weight"] <= 4.5 and summary["calibration"]["data"] == "self"
     assert len(calls) == 1  # planning and GPTQ share the sampled windows
+
+
+def test_the_command_makes_cublas_deterministic_unless_told_otherwise(monkeypatch, capsys):
+    import os
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert run(["--help"]) == 0
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    assert run(["--help"]) == 0
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    capsys.readouterr()
