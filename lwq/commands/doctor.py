@@ -15,10 +15,8 @@ from lwq.ui import out_console
 
 # display name -> import name
 PACKAGES = {"torch": "torch", "transformers": "transformers", "safetensors": "safetensors", "datasets": "datasets",
-            "triton": "triton", "bitsandbytes": "bitsandbytes", "lm-eval": "lm_eval", "highspy": "highspy",
-            "accelerate": "accelerate"}
-EXTRAS = {"triton": "lwq[triton]", "bitsandbytes": "lwq[bnb]", "lm-eval": "lwq[lm-eval]", "highspy": "lwq[ilp]",
-          "accelerate": "lwq[accelerate]"}
+            "triton": "triton", "bitsandbytes": "bitsandbytes", "lm-eval": "lm_eval", "highspy": "highspy"}
+EXTRAS = {"triton": "lwq[triton]", "bitsandbytes": "lwq[bnb]", "lm-eval": "lwq[lm-eval]", "highspy": "lwq[ilp]"}
 # solvers that need an optional package: name -> import name
 SOLVER_NEEDS = {"ilp": "highspy"}
 
