@@ -114,7 +114,10 @@ def parse_devices(text: str | None) -> list[str]:
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     out = []
     for part in text.split(","):
-        dev = resolve_device(part.strip())
+        try:
+            dev = resolve_device(part.strip())
+        except BadInput as exc:
+            raise BadInput(f"--devices: {exc}") from None
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise BadInput(f"--devices: {part.strip()} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
         out.append(str(dev))
