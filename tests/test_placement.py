@@ -167,3 +167,15 @@ def test_max_memory_option_keeps_blocks_off_the_device(tiny, tmp_path, capsys, m
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --max-memory") and "\n" not in err
     assert not (tmp_path / "c.json").exists()
+
+
+def test_free_bytes_reads_the_host_memory_for_the_cpu():
+    from lwq.models.placement import free_bytes
+
+    free = free_bytes(CPU)
+    if free is None:
+        pytest.skip("no /proc/meminfo here")
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    assert 0 < free <= total
+    assert free_bytes(torch.device("meta")) is None
