@@ -190,3 +190,17 @@ def test_probe_quantizer_hook_gets_hessians_and_gptq_beats_rtn(tiny):
     plain = run_task(probe, task)
     assert plain == pytest.approx({n: rtn[n] for n in task.names}, rel=1e-6)
     assert sum(gptq.values()) < sum(plain.values())  # GPTQ's error feedback lowers the damage
+
+
+def test_quantize_budget_with_devices_writes_the_same_checkpoint(tiny, tmp_path, capsys):
+    base = ["quantize", str(tiny / "model"), "--data", str(tiny / "calib.txt"), "--json", "--nsamples", "4",
+            "--seqlen", "24", "--device", "cpu", "--budget", "3.25bit", "--candidate-bits", "2,3,4",
+            "--group-size", "32", "--measure-with", "rtn"]
+    assert run([*base, "-o", str(tmp_path / "one")]) == 0, capsys.readouterr().err
+    one = json.loads(capsys.readouterr().out)
+    assert run([*base, "-o", str(tmp_path / "two"), "--devices", "cpu,cpu"]) == 0, capsys.readouterr().err
+    two = json.loads(capsys.readouterr().out)
+    assert two["bits_per_weight"] == one["bits_per_weight"] <= 3.25
+    plans = [json.loads((tmp_path / d / "plan.json").read_text())["layers"] for d in ("one", "two")]
+    assert {n: e["bits"] for n, e in plans[0].items()} == {n: e["bits"] for n, e in plans[1].items()}
+    assert (tmp_path / "two" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
