@@ -57,17 +57,17 @@ def make_tasks(todo: Mapping[LayerSpec, Sequence[str]], block_of: Callable[[str]
     return sorted(tasks, key=lambda t: -(nblocks - t.block) * len(t.names))
 
 
-def backend_quantizer(spec: LayerSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """What a trial of ``spec`` quantizes with when estimates follow the backend: GPTQ (on the
-    layer's full-precision-input Hessian) for ``gptq`` specs; None (round-to-nearest) otherwise."""
-    if spec.backend != "gptq":
-        return None
-    from lwq.backends.gptq import gptq_quantize
-    from lwq.backends.quant import QParams, dequantize
+def backend_quantizer(spec: LayerSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What a trial of ``spec`` quantizes with when estimates follow the backend: the spec's backend
+    (GPTQ on the layer's full-precision-input Hessian; RTN, bitsandbytes, ...) then its storage
+    layout's own dequantization, so the trial's weight is the one the checkpoint will hold."""
+    from lwq.backends import get_backend
+    from lwq.formats.layouts import get_layout
+
+    backend, layout = get_backend(spec.backend), get_layout(spec.format)
 
     def fake(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-        qw = gptq_quantize(W, H, spec)
-        return dequantize(qw.q, QParams(qw.scale, qw.zero), qw.g_idx)
+        return layout.dequantize(layout.pack(backend(W, spec, H)), spec, (int(W.shape[0]), int(W.shape[1])))
 
     return fake
 

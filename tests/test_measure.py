@@ -164,6 +164,7 @@ def test_a_killed_worker_stops_the_run_with_one_error(tiny):
 def test_probe_quantizer_hook_gets_hessians_and_gptq_beats_rtn(tiny):
     from lwq.backends.quant import rtn_fake_quant
     from lwq.measure import backend_quantizer, run_task
+    from lwq.models.arch import linear_weight
     from lwq.score.sensitivity import SensitivityProbe
 
     model = load_model(str(tiny / "model"), "float32", "cpu")
@@ -184,7 +185,12 @@ def test_probe_quantizer_hook_gets_hessians_and_gptq_beats_rtn(tiny):
     same = probe.measure(names, "linear", quantizer=lambda W, H: rtn_fake_quant(W, 2, 32))
     assert same == pytest.approx(rtn, rel=1e-6)
     spec = make_spec(2, 32, backend="gptq")
-    assert backend_quantizer(make_spec(2, 32)) is None and backend_quantizer(spec) is not None
+    rtn_spec = make_spec(2, 32)
+    W = linear_weight(model.get_submodule(names[0])).detach().float()
+    stored = backend_quantizer(rtn_spec)(W, torch.eye(W.shape[1]))  # the rtn backend, packed and read back
+    same = torch.isclose(stored, rtn_fake_quant(W, 2, 32), rtol=1e-2, atol=1e-3).float().mean()
+    assert same > 0.95  # fp16-rounded scales move a few values across a rounding boundary
+    assert len(torch.unique(stored[0, :32])) <= 4  # a 2-bit grid per group
     task = MeasureTask(spec, 0, tuple(n for n in names if ".0." in n))
     gptq = run_task(probe, task, follow_backend=True)
     plain = run_task(probe, task)

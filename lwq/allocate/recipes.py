@@ -37,9 +37,9 @@ class Recipe:
     """How to plan and quantize. ``bits``: candidate widths; ``tie``: ``none``, ``fused`` (q/k/v and
     gate/up share a width) or ``block`` (all linears of a block share one; both need ``ilp``);
     ``options``: extra keyword options for the solver (e.g. ``generations`` for ``search``);
-    ``measure_with``: how the measured estimate quantizes each trial: ``backend`` (GPTQ for gptq
-    candidates, on the layer's full-precision-input Hessian; round-to-nearest for the others) or
-    ``rtn`` (round-to-nearest for all: faster, a rougher proxy for GPTQ)."""
+    ``measure_with``: how the measured estimate quantizes each trial: ``backend`` (the candidate's
+    backend and storage format, GPTQ on the layer's full-precision-input Hessian) or ``rtn``
+    (round-to-nearest for all: faster, a rougher proxy for GPTQ)."""
 
     budget: str | None = None
     scorer: str = "sensitivity"
