@@ -1,4 +1,5 @@
 """``python -m lwq``."""
 from lwq.cli import main
 
-main()
+if __name__ == "__main__":  # worker processes (``spawn``) import this module without running the CLI
+    main()
