@@ -100,3 +100,20 @@ def test_eval_on_fixture_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     # the fixture's recorded perplexity over 80 windows is 61.4; 20 windows land nearby
     assert 40 < doc["perplexity"] < 90
+
+
+def test_eval_reads_blocks_from_disk_when_the_model_does_not_fit(tiny: tuple[str, str], capsys, monkeypatch) -> None:
+    import lwq.eval.perplexity as ppl_mod
+
+    calls: list[str] = []
+    real = ppl_mod.perplexity_by_blocks
+    monkeypatch.setattr(ppl_mod, "perplexity_by_blocks", lambda *a, **k: calls.append("blocks") or real(*a, **k))
+    base = ["eval", tiny[0], "--data", tiny[1], "--seqlen", "32", "--max-samples", "6", "--json", "--device", "cpu"]
+    code, whole = _json(capsys, base)
+    assert code == 0 and calls == []
+    code, small = _json(capsys, [*base, "--max-memory", "10KB"])
+    assert code == 0 and calls == ["blocks"]
+    assert small["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+    assert (small["tokens"], small["windows"]) == (whole["tokens"], whole["windows"])
+    assert run([*base, "--max-memory", "lots"]) == 2
+    assert capsys.readouterr().err.startswith("error: --max-memory")

@@ -74,3 +74,20 @@ def test_max_windows_and_bad_arguments() -> None:
             window_plan(*args)
     with pytest.raises(BadInput):
         window_plan(100, 10, 10, max_windows=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("seqlen,stride,batch", [(16, None, 3), (16, 5, 2), (12, 12, 4)])
+def test_block_by_block_perplexity_equals_whole_model(arch, seqlen, stride, batch):
+    from lwq.calib.stats import ResidentBlocks
+    from lwq.eval.perplexity import perplexity_by_blocks
+
+    model = tiny_model(arch, layers=3)
+    ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(1))
+    whole = perplexity(model, ids, seqlen, stride, max_windows=9, batch_size=batch)
+    steps: list[tuple[int, int]] = []
+    blocks = perplexity_by_blocks(model, ids, seqlen, stride, 9, batch, lambda i, n: steps.append((i, n)), "cpu",
+                                  ResidentBlocks("cpu"))
+    assert (blocks.tokens, blocks.windows, blocks.stride) == (whole.tokens, whole.windows, whole.stride)
+    assert blocks.nll == pytest.approx(whole.nll, rel=1e-5)
+    assert steps == [(i, 4) for i in range(1, 5)]  # three blocks, then the head

@@ -6,7 +6,8 @@ from typing import Any, Optional, Tuple
 import typer
 from rich.table import Table
 
-from lwq.commands.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, parse_percent
+from lwq.commands.common import (DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, parse_percent,
+                                 parse_size)
 from lwq.errors import BadInput, GateFailed
 from lwq.eval.harness import compare_docs, lm_eval_module, parse_tasks, run_tasks
 from lwq.pipeline import LoadOptions, evaluate_ppl
@@ -52,10 +53,12 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="With --tasks: at most this many examples per task."),
     compare: Optional[Tuple[str, str]] = typer.Option(None, "--compare", metavar="A B", help="Evaluate two models on the same data and show them side by side with deltas."),
     dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, trust_remote_code: bool = TRUST_OPT,
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Bytes a whole model may take on its device (e.g. 20GiB); a larger plain safetensors model is evaluated one block at a time from its files. Default: 80% of what is free."),
     json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Perplexity of MODEL on a text source (sliding window; see README), with CI gates; zero-shot tasks
     with --tasks; two models side by side with --compare A B."""
+    load = LoadOptions(dtype, device, trust_remote_code, parse_size(max_memory, "--max-memory"))
     task_list = parse_tasks(tasks) if tasks is not None else None
     if limit is not None and task_list is None:
         raise BadInput("--limit applies to --tasks")
@@ -68,11 +71,11 @@ def eval_command(
         if gated:
             raise BadInput("--compare does not take gates (--max-ppl, --baseline, --max-ppl-increase)")
         return _compare(list(compare), data, task_list, limit, seqlen, stride, max_samples, batch_size, text_field,
-                        LoadOptions(dtype, device, trust_remote_code), json_out, quiet)
+                        load, json_out, quiet)
     if model is None:
         raise BadInput("give a MODEL to evaluate (or --compare A B)")
     if task_list is not None and data is None and not gated:
-        return _tasks_only(model, task_list, limit, batch_size, LoadOptions(dtype, device, trust_remote_code),
+        return _tasks_only(model, task_list, limit, batch_size, load,
                            json_out, quiet)
     data = data if data is not None else DEFAULT_DATA
     increase = parse_percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase is not None else None
@@ -84,7 +87,7 @@ def eval_command(
         if val < 1:
             raise BadInput(f"{name} must be positive, got {val}")
     kw: dict[str, Any] = dict(data=data, seqlen=seqlen, stride=stride, max_windows=max_samples, batch_size=batch_size,
-                              load=LoadOptions(dtype, device, trust_remote_code), text_field=text_field)
+                              load=load, text_field=text_field)
     if task_list is None:
         doc: dict[str, Any] = {"model": model, "data": data, **_ppl(model, model, quiet or json_out, **kw).to_dict()}
     else:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lwq.models.arch import arch_for
+from lwq.models.arch import arch_for, get_blocks
 from lwq.models.blocks import move_outside_blocks
 
 FIT_FRACTION = 0.8  # of the device's free memory a whole model may take (the rest: activations, trials)
@@ -62,21 +62,31 @@ def fits(nbytes: int, free: int | None, fraction: float = FIT_FRACTION) -> bool:
     return free is None or nbytes <= fraction * free
 
 
+def fits_whole(model: nn.Module, device: torch.device, max_bytes: int | None = None) -> bool:
+    """Whether all of ``model`` goes on ``device``: within ``max_bytes`` when given, else within
+    ``FIT_FRACTION`` of the device's free memory."""
+    size = model_bytes(model)
+    return size <= max_bytes if max_bytes is not None else fits(size, free_bytes(device))
+
+
 def place(model: nn.Module, device: torch.device, lazy_loader: Any = None, max_bytes: int | None = None) -> Placement:
     """Put ``model`` (on CPU, or with blocks on ``meta`` and ``lazy_loader`` to read them) where it
     can compute on ``device``: whole when it fits (in ``max_bytes`` when given, else in
     ``FIT_FRACTION`` of the free memory), else its blocks stay behind (see module docstring)."""
     spec = arch_for(model)
-    size = model_bytes(model)
-    if size <= max_bytes if max_bytes is not None else fits(size, free_bytes(device)):
+    if fits_whole(model, device, max_bytes):
         if lazy_loader is not None:  # read every block straight onto the device, once
-            from lwq.models.arch import get_blocks
-
             for i in range(len(get_blocks(model, spec))):
                 lazy_loader.acquire(model, i, device)
         model.to(device)
         return Placement(device)
-    move_outside_blocks(model, spec, device)
+    return offload(model, device, lazy_loader)
+
+
+def offload(model: nn.Module, device: torch.device, lazy_loader: Any = None) -> Placement:
+    """Keep ``model``'s blocks off ``device`` (on disk through ``lazy_loader``, else in CPU memory) and
+    put the rest on it."""
+    move_outside_blocks(model, arch_for(model), device)
     if lazy_loader is not None:
         return Placement(device, lazy_loader)
     from lwq.calib.stats import ResidentBlocks

@@ -28,12 +28,40 @@ def evaluate_ppl(
     on_step: Progress | None = None, model: Any = None,
 ) -> PplResult:
     """Load ``model_name`` (a model or an lwq checkpoint; or use ``model``) and its tokenizer and
-    measure perplexity on ``data``."""
-    if model is None:
-        model = load_model(model_name, load.dtype, load.device, load.trust_remote_code)
+    measure perplexity on ``data``. A plain safetensors model too large for the device (80% of its
+    free memory, or ``load.max_memory``) is read one block at a time from its files and evaluated
+    block by block (``perplexity_by_blocks``: the same number, memory about one block)."""
     tok = load_tokenizer(model_name, load.trust_remote_code)
     ids = tokenize(tok, load_text(data, "eval", text_field))
+    if model is None:
+        lazy = _lazy_if_too_big(model_name, load)
+        if lazy is not None:
+            from lwq.eval.perplexity import perplexity_by_blocks
+
+            model, placement = lazy
+            return perplexity_by_blocks(model, ids, seqlen, stride, max_windows, batch_size, on_step,
+                                        placement.device, placement.loader)
+        model = load_model(model_name, load.dtype, load.device, load.trust_remote_code)
     return perplexity(model, ids, seqlen, stride, max_windows, batch_size, on_step)
+
+
+def _lazy_if_too_big(model_name: str, load: LoadOptions) -> tuple[Any, Any] | None:
+    """``(model, placement)`` with the blocks left on disk when ``model_name`` is a plain local
+    safetensors model that does not fit its device; None otherwise (load it whole, as usual)."""
+    from lwq.models.lazy import LazyUnsupported, load_lazy
+    from lwq.models.load import resolve_device
+    from lwq.models.placement import fits_whole, offload
+
+    if load.trust_remote_code:
+        return None
+    dev = resolve_device(load.device)
+    try:
+        model, loader = load_lazy(model_name, load.dtype, str(dev))
+    except LazyUnsupported:
+        return None  # lwq checkpoints, hub ids, custom code: loaded whole
+    if fits_whole(model, dev, load.max_memory):
+        return None
+    return model, offload(model, dev, loader)
 
 
 def calib_batches(model_name: str, data: str | None, nsamples: int, seqlen: int, seed: int, load: LoadOptions,
