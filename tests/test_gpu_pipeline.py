@@ -86,3 +86,13 @@ def test_two_gpu_workers_fill_the_same_error_database(tiny, tmp_path, capsys):
     for name, row in one.items():
         for key, value in row.items():
             assert abs(two[name][key] - value) <= 0.05 * abs(value) + 0.01 * scale, (name, key)
+
+
+def test_eval_block_by_block_on_the_gpu_matches_whole(tiny, capsys):
+    base = ["eval", str(tiny / "model"), "--data", str(tiny / "calib.txt"), "--seqlen", "64", "--max-samples", "8",
+            "--device", "cuda", "--json"]
+    assert run(base) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert run([*base, "--max-memory", "1MB"]) == 0
+    blocks = json.loads(capsys.readouterr().out)
+    assert blocks["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-3)
