@@ -38,6 +38,13 @@ def samples():
     return torch.randint(0, 128, (5, 20), generator=torch.Generator().manual_seed(3))
 
 
+def spy_place(monkeypatch) -> list[Placement]:
+    """Record every placement ``lwq.models.placement.place`` decides from now on."""
+    placed: list[Placement] = []
+    monkeypatch.setattr("lwq.models.placement.place", lambda *a, _p=place: placed.append(_p(*a)) or placed[-1])
+    return placed
+
+
 def no_room(monkeypatch):
     monkeypatch.setattr("lwq.models.placement.free_bytes", lambda _device: 1)
 
@@ -101,8 +108,7 @@ def test_worker_reads_blocks_from_disk_when_the_device_is_full(tiny, samples, mo
     tasks = make_tasks({make_spec(2, 32): names}, lambda n: int(n.split(".")[2]), 3)
     want = measure_local(model, samples, tasks)
     no_room(monkeypatch)
-    placed: list[Placement] = []
-    monkeypatch.setattr("lwq.models.placement.place", lambda *a, _p=place: placed.append(_p(*a)) or placed[-1])
+    placed = spy_place(monkeypatch)
     todo, results = queue.Queue(), queue.Queue()
     for item in enumerate(tasks):
         todo.put(item)
@@ -125,8 +131,7 @@ def test_plan_cli_offloaded_gives_the_same_plan(tiny, tmp_path, capsys, monkeypa
     assert run([*base, "-o", str(tmp_path / "whole.json")]) == 0, capsys.readouterr().err
     whole = json.loads(capsys.readouterr().out)
     no_room(monkeypatch)
-    placed: list[Placement] = []
-    monkeypatch.setattr("lwq.models.placement.place", lambda *a, _p=place: placed.append(_p(*a)) or placed[-1])
+    placed = spy_place(monkeypatch)
     assert run([*base, "-o", str(tmp_path / "off.json")]) == 0, capsys.readouterr().err
     off = json.loads(capsys.readouterr().out)
     assert [p.offloaded for p in placed] == [True]
@@ -141,8 +146,7 @@ def test_budgeted_quantize_plans_from_disk_when_memory_is_short(tiny, tmp_path, 
     assert run([*args, "-o", str(tmp_path / "ref")]) == 0, capsys.readouterr().err
     ref = json.loads(capsys.readouterr().out)
     no_room(monkeypatch)
-    placed: list[Placement] = []
-    monkeypatch.setattr("lwq.models.placement.place", lambda *a, _p=place: placed.append(_p(*a)) or placed[-1])
+    placed = spy_place(monkeypatch)
     assert run([*args, "-o", str(tmp_path / "low")]) == 0, capsys.readouterr().err
     low = json.loads(capsys.readouterr().out)
     assert len(placed) == 1 and isinstance(placed[0].loader, LazyBlocks)  # planning read blocks from disk
@@ -153,8 +157,7 @@ def test_budgeted_quantize_plans_from_disk_when_memory_is_short(tiny, tmp_path, 
 
 
 def test_max_memory_option_keeps_blocks_off_the_device(tiny, tmp_path, capsys, monkeypatch):
-    placed: list[Placement] = []
-    monkeypatch.setattr("lwq.models.placement.place", lambda *a, _p=place: placed.append(_p(*a)) or placed[-1])
+    placed = spy_place(monkeypatch)
     base = ["plan", str(tiny / "model"), "--data", str(tiny / "calib.txt"), "--json", "--nsamples", "4",
             "--seqlen", "20", "--device", "cpu", "--budget", "3.5bit"]
     assert run([*base, "-o", str(tmp_path / "a.json"), "--max-memory", "1KiB"]) == 0, capsys.readouterr().err
