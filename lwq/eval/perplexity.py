@@ -109,23 +109,16 @@ def perplexity_by_blocks(
     """``perplexity`` one decoder block at a time: ``loader`` (``lwq.calib.stats.BlockLoader``) brings
     each block to ``device`` once for all windows; the modules outside the blocks must be on
     ``device``. ``on_step`` counts blocks, then the head."""
-    from lwq.calib.stats import ResidentBlocks
     from lwq.models.arch import arch_for, get_blocks
-    from lwq.models.blocks import capture_block_inputs, head_logits, run_block
+    from lwq.models.blocks import capture_block_inputs, forward_blocks, head_logits
 
     plan = window_plan(ids.numel(), seqlen, stride, max_windows)
     spec = arch_for(model)
-    blocks = get_blocks(model, spec)
-    loader = loader or ResidentBlocks(str(next(blocks[0].parameters()).device))
+    steps = len(get_blocks(model, spec)) + 1  # the blocks, then the head
     batches = _batches(ids, plan, seqlen, batch_size)
     inputs = capture_block_inputs(model, [b for _, b in batches], device, spec, store="cpu")
-    hidden = inputs.hidden
-    for i in range(len(blocks)):
-        block = loader.acquire(model, i, torch.device(device))
-        hidden = [run_block(block, h.to(device), kw).cpu() for h, kw in zip(hidden, inputs.kwargs)]
-        loader.release(model, i)
-        if on_step is not None:
-            on_step(i + 1, len(blocks) + 1)
+    hidden = forward_blocks(model, inputs, device, loader,
+                            None if on_step is None else lambda i, _h: on_step(i + 1, steps))
     total, count = 0.0, 0
     for (first, batch), h in zip(batches, hidden):
         for r in range(batch.shape[0]):  # one window at a time: the logits of a large vocabulary are big
@@ -133,5 +126,5 @@ def perplexity_by_blocks(
             total += float(window_nll(logits, batch[r:r + 1].to(device), first))
         count += batch.shape[0] * (seqlen - first)
     if on_step is not None:
-        on_step(len(blocks) + 1, len(blocks) + 1)
+        on_step(steps, steps)
     return _result(total, count, plan, seqlen, stride)

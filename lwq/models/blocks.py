@@ -6,7 +6,7 @@ being run need to be on the compute device, so memory is about one block plus th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -104,6 +104,27 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
 def block_outputs(block: nn.Module, inputs: BlockInputs, device: torch.device | str) -> list[torch.Tensor]:
     """Outputs of ``block`` for every batch in ``inputs``, stored where the inputs are."""
     return [run_block(block, h.to(device), k).to(h.device) for h, k in zip(inputs.hidden, inputs.kwargs)]
+
+
+@torch.no_grad()
+def forward_blocks(model: nn.Module, inputs: BlockInputs, device: torch.device | str, loader: Any = None,
+                   on_block: Callable[[int, list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
+    """The hidden states of ``inputs`` after the last decoder block, run one block at a time:
+    ``loader`` (a ``lwq.calib.stats.BlockLoader``; default: blocks stay where they are) brings each
+    block to ``device`` once for all batches, and hidden states wait on the CPU in between.
+    ``on_block(i, hidden)`` receives the states leaving block ``i``."""
+    if loader is None:
+        from lwq.calib.stats import ResidentBlocks
+
+        loader = ResidentBlocks(str(next(get_blocks(model)[0].parameters()).device))
+    hidden = inputs.hidden
+    for i in range(len(get_blocks(model))):
+        block = loader.acquire(model, i, torch.device(device))
+        hidden = [run_block(block, h.to(device), kw).cpu() for h, kw in zip(hidden, inputs.kwargs)]
+        loader.release(model, i)
+        if on_block is not None:
+            on_block(i, hidden)
+    return hidden
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor, spec: ArchSpec | None = None) -> torch.Tensor:

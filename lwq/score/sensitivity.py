@@ -9,7 +9,7 @@ bit for bit after each trial. Blocks can live off the device (``SensitivityProbe
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +18,11 @@ from torch import nn
 from lwq.backends.quant import rtn_fake_quant
 from lwq.models.arch import arch_for, get_blocks, linear_weight
 from lwq.calib.stats import BlockLoader, InputAccumulator, ResidentBlocks
-from lwq.models.blocks import capture_block_inputs, head_logits, run_block
+from lwq.models.blocks import capture_block_inputs, forward_blocks, head_logits, run_block
 from lwq.score.base import Scorer, ScoreConfig, ScoreInputs, Scores
 
 DEFAULT_BITS = 2
-FakeQuant = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (W (out, in), H (in, in)) -> dequantized W
+FakeQuant = Callable[[torch.Tensor, Any], torch.Tensor]  # (W (out, in), H (in, in) or None) -> dequantized W
 
 
 def divergence(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, metric: str) -> torch.Tensor:
@@ -38,16 +38,6 @@ def divergence(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor
 
 def _positions(ids: torch.Tensor, metric: str) -> int:
     return ids.shape[0] * (ids.shape[1] - (1 if metric == "nll" else 0))
-
-
-def _quantize_in_place(modules: list[nn.Module], bits: int, group_size: int, sym: bool) -> list[torch.Tensor]:
-    """RTN-quantize each module's weight in place; returns the originals for ``_restore``."""
-    saved = []
-    for mod in modules:
-        w = linear_weight(mod)
-        saved.append(mod.weight.detach().clone())
-        w.copy_(rtn_fake_quant(w.detach().float(), bits, group_size, sym).to(w.dtype))
-    return saved
 
 
 def _replace_in_place(modules: list[nn.Module], weights: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -86,13 +76,9 @@ class SensitivityProbe:
         self.loader = loader or ResidentBlocks(str(next(self.blocks[0].parameters()).device))
         self.chunks = [samples[i:i + batch_size] for i in range(0, samples.shape[0], batch_size)]
         self.first = capture_block_inputs(model, self.chunks, self.device, self.spec, store="cpu")
-        self.inputs: list[list[torch.Tensor]] = []
-        hidden = self.first.hidden
-        for i in range(len(self.blocks)):
-            self.inputs.append(hidden)
-            block = self.loader.acquire(model, i, self.device)
-            hidden = [run_block(block, h.to(self.device), kw).cpu() for h, kw in zip(hidden, self.first.kwargs)]
-            self.loader.release(model, i)
+        outputs: list[list[torch.Tensor]] = []
+        hidden = forward_blocks(model, self.first, self.device, self.loader, lambda _i, h: outputs.append(h))
+        self.inputs = [self.first.hidden, *outputs[:-1]]  # what enters each block
         self.ref_logits = [torch.cat([head_logits(model, h[r:r + 1].to(self.device), self.spec).cpu()
                                       for r in range(h.shape[0])]) for h in hidden]
         self.n_pos = sum(_positions(c, metric) for c in self.chunks)
@@ -126,15 +112,13 @@ class SensitivityProbe:
         for i, group in sorted(by_block.items()):
             block = self.loader.acquire(self.model, i, self.device)
             rels = list(dict.fromkeys(r for name in group for r in units[name][1]))
-            hessians = self._hessians(block, i, rels) if quantizer is not None else {}
+            hessians = self._hessians(block, i, rels) if quantizer is not None else dict.fromkeys(rels)
+            fake = quantizer or (lambda W, _H: rtn_fake_quant(W, bits, group_size, sym))
             hidden = {}
             for name in group:
                 mods = [block.get_submodule(r) for r in units[name][1]]
-                if quantizer is None:
-                    saved = _quantize_in_place(mods, bits, group_size, sym)
-                else:
-                    saved = _replace_in_place(mods, [quantizer(linear_weight(m).float(), hessians[r])
-                                                     for m, r in zip(mods, units[name][1])])
+                saved = _replace_in_place(mods, [fake(linear_weight(m).detach().float(), hessians[r])
+                                                 for m, r in zip(mods, units[name][1])])
                 try:
                     hidden[name] = [run_block(block, h.to(self.device), kw)
                                     for h, kw in zip(self.inputs[i], self.first.kwargs)]
