@@ -146,18 +146,11 @@ def _load_placed(source: ModelSource, device: torch.device) -> tuple[torch.nn.Mo
     """A worker's copy of the model, placed on ``device`` (``lwq.models.placement.place``): built with
     its blocks on ``meta`` and read from the safetensors files (whole onto the device when it fits,
     else one block per turn), or loaded into CPU memory when it cannot be read that way."""
-    from lwq.models.lazy import LazyUnsupported, load_lazy
-    from lwq.models.load import load_model
+    from lwq.models.lazy import lazy_or_whole
     from lwq.models.placement import place
 
-    if not source.trust_remote_code:
-        try:
-            model, loader = load_lazy(source.name, source.dtype, str(device))
-            return model, place(model, device, loader, source.max_memory)
-        except LazyUnsupported:
-            pass  # hub ids, custom code: the eager load below
-    model = load_model(source.name, source.dtype, "cpu", source.trust_remote_code)
-    return model, place(model, device, None, source.max_memory)
+    model, loader, _how = lazy_or_whole(source.name, source.dtype, str(device), source.trust_remote_code)
+    return model, place(model, device, loader, source.max_memory)
 
 
 def measure_parallel(source: ModelSource, samples: torch.Tensor, tasks: Sequence[MeasureTask], devices: Sequence[str],

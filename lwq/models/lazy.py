@@ -191,3 +191,20 @@ def load_lazy(name: str, dtype: str = "auto", device: str = "auto") -> tuple[nn.
     index = checkpoint_index(name)
     materialize(model, index, "cpu", torch_dtype, lambda n: not n.startswith(inside))
     return model, LazyBlocks(index, spec, torch_dtype)
+
+
+def lazy_or_whole(name: str, dtype: str, device: str, trust_remote_code: bool = False
+                  ) -> tuple[nn.Module, LazyBlocks | None, str]:
+    """``load_lazy`` when ``name`` can be read one block at a time (never with custom code), else the
+    whole model on CPU (``load_model``): the model, its block loader (None when whole) and how it was
+    loaded (``lazy``, or ``eager`` with the reason). ``dtype`` should be concrete (``float16``...) so
+    both ways give the same dtype."""
+    from lwq.models.load import load_model
+
+    if not trust_remote_code:
+        try:
+            model, loader = load_lazy(name, dtype, device)
+            return model, loader, "lazy"
+        except LazyUnsupported as exc:
+            return load_model(name, dtype, "cpu"), None, f"eager ({exc})"
+    return load_model(name, dtype, "cpu", trust_remote_code), None, "eager"

@@ -40,12 +40,9 @@ def plan_for_model(
     dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
     loader = None  # set when the model is read one block at a time from its files
     if model is None and reads_blocks_only(recipe, data, calib, load):
-        from lwq.models.lazy import LazyUnsupported, load_lazy
+        from lwq.models.lazy import lazy_or_whole
 
-        try:
-            model, loader = load_lazy(model_name, dtype, str(dev))
-        except LazyUnsupported:
-            model = None  # hub ids, custom code: the eager load below
+        model, loader, _how = lazy_or_whole(model_name, dtype, str(dev))
     if model is None:
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
     measure = None

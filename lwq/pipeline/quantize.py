@@ -50,7 +50,7 @@ def quantize_to_checkpoint(
     from lwq.formats.checkpoint import check_output, save_checkpoint
     from lwq.formats.qlinear import QuantizedLinear
     from lwq.models.arch import arch_for, get_blocks
-    from lwq.models.lazy import LazyUnsupported, load_lazy
+    from lwq.models.lazy import lazy_or_whole
     from lwq.models.load import is_lwq_checkpoint, looks_local, resolve_device, resolve_dtype
     from lwq.quantize import plan_needs_data, quantize_model
     from lwq.resume import (WorkFolder, deterministic, fingerprint, model_identity, plan_digest, resume_inputs,
@@ -63,12 +63,8 @@ def quantize_to_checkpoint(
     dev = resolve_device(load.device)
     dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
     loader, how = None, "eager"
-    if model is None and lazy and not load.trust_remote_code:
-        try:
-            model, loader = load_lazy(model_name, dtype, str(dev))
-            how = "lazy"
-        except LazyUnsupported as exc:
-            how = f"eager ({exc})"
+    if model is None and lazy:
+        model, loader, how = lazy_or_whole(model_name, dtype, str(dev), load.trust_remote_code)
     if model is None:
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
     layer_plan = plan(model) if callable(plan) else dict(plan)
@@ -222,11 +218,6 @@ def _shapes_model(model_name: str, dtype: str, load: LoadOptions) -> Any:
     """``model_name`` with its blocks on ``meta`` (``load_lazy``): enough for names, shapes and sizes,
     and the quantization that follows reads one block at a time. A model that cannot be read that
     way (hub id, custom code) is loaded whole."""
-    from lwq.models.lazy import LazyUnsupported, load_lazy
+    from lwq.models.lazy import lazy_or_whole
 
-    if not load.trust_remote_code:
-        try:
-            return load_lazy(model_name, dtype, "cpu")[0]
-        except LazyUnsupported:
-            pass  # the eager load below is the documented fallback
-    return load_model(model_name, dtype, "cpu", load.trust_remote_code)
+    return lazy_or_whole(model_name, dtype, "cpu", load.trust_remote_code)[0]
