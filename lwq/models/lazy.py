@@ -164,11 +164,10 @@ def return_freed_memory() -> bool:
     return True
 
 
-def load_lazy(name: str, dtype: str = "auto", device: str = "auto") -> tuple[nn.Module, LazyBlocks]:
-    """A model from the local folder ``name`` with every block on ``meta`` and the rest on CPU in the
-    dtype ``resolve_dtype`` picks for ``device``; plus the loader that materialises blocks.
-    ``LazyUnsupported`` when the model cannot be built this way (hub ids, lwq checkpoints, custom code,
-    renamed checkpoint keys)."""
+def meta_model(name: str, dtype: str = "auto", device: str = "auto") -> tuple[nn.Module, torch.dtype]:
+    """The model of the local folder ``name`` built from its config with every tensor on ``meta`` (no
+    weights read: sizes and names only), in the dtype ``resolve_dtype`` picks for ``device``.
+    ``LazyUnsupported`` when it cannot be built this way (hub ids, lwq checkpoints, custom code)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not looks_local(name):
@@ -185,7 +184,15 @@ def load_lazy(name: str, dtype: str = "auto", device: str = "auto") -> tuple[nn.
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
     except (ValueError, OSError, KeyError) as exc:
         raise LazyUnsupported(f"cannot build {name} from its config: {str(exc).splitlines()[0][:200]}") from None
-    model.eval()
+    return model.eval(), torch_dtype
+
+
+def load_lazy(name: str, dtype: str = "auto", device: str = "auto") -> tuple[nn.Module, LazyBlocks]:
+    """A model from the local folder ``name`` with every block on ``meta`` and the rest on CPU in the
+    dtype ``resolve_dtype`` picks for ``device``; plus the loader that materialises blocks.
+    ``LazyUnsupported`` when the model cannot be built this way (hub ids, lwq checkpoints, custom code,
+    renamed checkpoint keys)."""
+    model, torch_dtype = meta_model(name, dtype, device)
     spec = arch_for(model)
     inside = spec.blocks + "."
     index = checkpoint_index(name)

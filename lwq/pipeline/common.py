@@ -48,7 +48,7 @@ def evaluate_ppl(
 def _lazy_if_too_big(model_name: str, load: LoadOptions) -> tuple[Any, Any] | None:
     """``(model, placement)`` with the blocks left on disk when ``model_name`` is a plain local
     safetensors model that does not fit its device; None otherwise (load it whole, as usual)."""
-    from lwq.models.lazy import LazyUnsupported, load_lazy
+    from lwq.models.lazy import LazyUnsupported, load_lazy, meta_model
     from lwq.models.load import resolve_device
     from lwq.models.placement import fits_whole, offload
 
@@ -56,11 +56,12 @@ def _lazy_if_too_big(model_name: str, load: LoadOptions) -> tuple[Any, Any] | No
         return None
     dev = resolve_device(load.device)
     try:
-        model, loader = load_lazy(model_name, load.dtype, str(dev))
+        sized, _dtype = meta_model(model_name, load.dtype, str(dev))  # sizes only: nothing read yet
     except LazyUnsupported:
         return None  # lwq checkpoints, hub ids, custom code: loaded whole
-    if fits_whole(model, dev, load.max_memory):
+    if fits_whole(sized, dev, load.max_memory):
         return None
+    model, loader = load_lazy(model_name, load.dtype, str(dev))
     return model, offload(model, dev, loader)
 
 
