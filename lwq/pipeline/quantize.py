@@ -173,7 +173,7 @@ def quantize_with_budget(
 
     dtype = str(resolve_dtype(load.dtype, resolve_device(load.device))).replace("torch.", "")
     batches = None
-    shapes = None  # a copy of the model for names and shapes, blocks on meta when it can be read lazily
+    shapes = None  # a copy of the model for names and shapes (on meta when it can be built so)
     if isinstance(plan, str):
         shapes = _shapes_model(model_name, dtype, load)
         plan = reprice(load_plan(plan, linear_names(shapes)), model_shapes(shapes))
@@ -215,9 +215,14 @@ def quantize_with_budget(
 
 
 def _shapes_model(model_name: str, dtype: str, load: LoadOptions) -> Any:
-    """``model_name`` with its blocks on ``meta`` (``load_lazy``): enough for names, shapes and sizes,
-    and the quantization that follows reads one block at a time. A model that cannot be read that
-    way (hub id, custom code) is loaded whole."""
-    from lwq.models.lazy import lazy_or_whole
+    """``model_name`` built on ``meta`` from its config (``meta_model``): enough for names, shapes and
+    sizes without reading a weight. A model that cannot be built that way (hub id, custom code) is
+    loaded whole."""
+    from lwq.models.lazy import LazyUnsupported, meta_model
 
-    return lazy_or_whole(model_name, dtype, "cpu", load.trust_remote_code)[0]
+    if not load.trust_remote_code:
+        try:
+            return meta_model(model_name, dtype, "cpu")[0]
+        except LazyUnsupported:
+            pass  # the whole load below is the documented fallback
+    return load_model(model_name, dtype, "cpu", load.trust_remote_code)
