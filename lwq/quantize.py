@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from lwq.backends import QuantizedWeight, get_backend, needs_hessian, quantize_weight
+from lwq.backends.refine import OnStep, RefineConfig, RefineReport, refine_block
 from lwq.calib.stats import BlockLoader, ResidentBlocks
 from lwq.errors import BadInput
 from lwq.formats.layouts import get_layout
-from lwq.formats.qlinear import quantized_from_linear, replace_linear
+from lwq.formats.qlinear import QuantizedLinear, quantized_from_linear, replace_linear
 from lwq.models.arch import arch_for, get_blocks, linear_weight
 from lwq.models.blocks import BlockInputs, block_outputs, capture_block_inputs, move_outside_blocks, run_block
 from lwq.spec import LayerSpec
@@ -107,7 +108,8 @@ def quantize_model(
     model: nn.Module, plan: Plan, batches: torch.Tensor | None, device: torch.device | str = "cpu",
     on_block: OnBlock | None = None, *, start_block: int = 0, inputs: BlockInputs | None = None,
     pre_quantize: PreQuantize | None = None, batch_size: int = BATCH_SIZE, loader: BlockLoader | None = None,
-    collect: bool = True,
+    collect: bool = True, refine: RefineConfig | None = None, seed: int = 0, on_refine: OnStep | None = None,
+    reports: list[RefineReport] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize ``model``'s planned linears in place, block by block; returns the quantized weights.
 
@@ -120,6 +122,11 @@ def quantize_model(
     an empty dict instead of keeping every quantized weight (memory that would grow with depth). ``pre_quantize(name, W, act_absmax, spec)``
     may transform the weight of an int8-activation layer and add tensors (SmoothQuant-style); by
     default the storage layout's own ``pre_quantize`` method is used when it has one.
+
+    ``refine``: after its backend, each block's linears are tuned against the full-precision
+    block's outputs (``lwq.backends.refine``); this needs calibration data for every plan, and the
+    inputs then also carry the full-precision stream (``BlockInputs.reference``). Block ``i`` is tuned
+    with the seed ``seed + i``; ``reports`` (when given) collects one ``RefineReport`` per block.
     """
     device = torch.device(device)
     validate_plan(model, plan)
@@ -127,14 +134,15 @@ def quantize_model(
     blocks = get_blocks(model, arch)
     if not 0 <= start_block <= len(blocks):
         raise BadInput(f"start block must be in 0..{len(blocks)}, got {start_block}")
-    with_data = plan_needs_data({n: s for n, s in plan.items() if _block_of(n, arch.blocks) >= start_block})
+    refining = refine is not None and refine.steps > 0
+    with_data = refining or plan_needs_data({n: s for n, s in plan.items() if _block_of(n, arch.blocks) >= start_block})
     home = next(model.parameters()).device
     loader = loader or ResidentBlocks(str(home))
     if with_data and inputs is None:
         if start_block != 0:
             raise BadInput("resuming from a later block needs that block's saved inputs")
         if batches is None or batches.numel() == 0:
-            raise BadInput("this plan needs calibration data (GPTQ or int8 activations): pass --data PATH")
+            raise BadInput("this plan needs calibration data (GPTQ, int8 activations or refinement): pass --data PATH")
         inputs = capture_block_inputs(model, batches.split(batch_size), device, arch)
     elif with_data:
         move_outside_blocks(model, arch, device)
@@ -142,10 +150,20 @@ def quantize_model(
     try:
         for i in range(start_block, len(blocks)):
             block = loader.acquire(model, i, device)
+            targets = None
+            if refining and inputs is not None:
+                reference = inputs.reference if inputs.reference is not None else inputs.hidden
+                targets = block_outputs(block, inputs.with_hidden(reference), device)
+            sources: dict[str, torch.Tensor] | None = {} if targets is not None else None
             layers = _quantize_block(block, f"{arch.blocks}.{i}", arch.groups, plan, inputs if with_data else None,
-                                     device, pre_quantize)
+                                     device, pre_quantize, sources)
+            if targets is not None and inputs is not None and refine is not None and sources is not None:
+                layers, report = _refine(block, f"{arch.blocks}.{i}", layers, sources, inputs, targets, refine,
+                                         device, seed + i, on_refine)
+                if reports is not None:
+                    reports.append(report)
             if with_data and inputs is not None:
-                inputs = inputs.with_hidden(block_outputs(block, inputs, device))
+                inputs = inputs.with_hidden(block_outputs(block, inputs, device), targets)
             if on_block is not None:
                 on_block(i, layers, inputs if with_data else None)
             loader.release(model, i)
@@ -162,9 +180,10 @@ def _block_of(name: str, prefix: str) -> int:
 
 
 def _quantize_block(block: nn.Module, prefix: str, groups: tuple[tuple[str, ...], ...], plan: Plan,
-                    inputs: BlockInputs | None, device: torch.device,
-                    pre_quantize: PreQuantize | None) -> dict[str, QuantizedWeight]:
-    """Quantize the planned linears of one block (already on ``device``), group by group."""
+                    inputs: BlockInputs | None, device: torch.device, pre_quantize: PreQuantize | None,
+                    sources: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedWeight]:
+    """Quantize the planned linears of one block (already on ``device``), group by group; ``sources``
+    (when given) receives the weight each backend was given (after smoothing), for refinement."""
     out: dict[str, QuantizedWeight] = {}
     planned = [lin for lin in dict.fromkeys(x for g in groups for x in g) if f"{prefix}.{lin}" in plan]
     check_finite(block, prefix, planned)
@@ -185,9 +204,29 @@ def _quantize_block(block: nn.Module, prefix: str, groups: tuple[tuple[str, ...]
                 W, extra = hook(name, W, None if stats is None else stats.absmax, spec)
             qw = quantize_weight(W, spec, None if stats is None else stats.H)
             qw.extra.update(extra)
+            if sources is not None:
+                sources[name] = W
             replace_linear(block, lin, quantized_from_linear(module, qw))
             out[name] = _to_cpu(qw)
     return out
+
+
+def _refine(block: nn.Module, prefix: str, layers: dict[str, QuantizedWeight], sources: dict[str, torch.Tensor],
+            inputs: BlockInputs,
+            targets: list[torch.Tensor], cfg: RefineConfig, device: torch.device, seed: int,
+            on_step: OnStep | None) -> tuple[dict[str, QuantizedWeight], RefineReport]:
+    """Tune the block's quantized linears (``refine_block``) and put the tuned ones in place."""
+    rel = {name[len(prefix) + 1:]: name for name in layers}
+    given = {lin: (layers[name], block.get_submodule(lin).bias, sources.get(name)) for lin, name in rel.items()}
+    tuned, report = refine_block(block, given, inputs.hidden, inputs.kwargs, targets, cfg, device, seed, on_step)
+    out: dict[str, QuantizedWeight] = {}
+    for lin, name in rel.items():
+        qw = tuned[lin]
+        if qw is not layers[name]:
+            bias = block.get_submodule(lin).bias
+            replace_linear(block, lin, QuantizedLinear.from_quantized(qw, bias).to(device))
+        out[name] = qw
+    return out, report
 
 
 def check_finite(block: nn.Module, prefix: str, linears: list[str]) -> None:

@@ -176,13 +176,15 @@ class WorkFolder:
     def inputs_file(self, i: int) -> Path:
         return self.path / f"inputs-{i:05d}.safetensors"
 
-    def save_block(self, i: int, block: nn.Module, prefix: str, next_hidden: list[torch.Tensor] | None) -> None:
-        """Record finished block ``i`` (its tensors, and the inputs of block ``i + 1`` when given),
-        then commit ``next_block = i + 1``."""
+    def save_block(self, i: int, block: nn.Module, prefix: str, next_hidden: list[torch.Tensor] | None,
+                   reference: list[torch.Tensor] | None = None) -> None:
+        """Record finished block ``i`` (its tensors, and the inputs of block ``i + 1`` when given, with
+        the full-precision stream when refining), then commit ``next_block = i + 1``."""
         state = {f"{prefix}.{k}": t.detach().cpu().contiguous() for k, t in unique_state(block).items()}
         _atomic(self.block_file(i), lambda p: save_file(state, str(p), metadata={"keys": json.dumps(list(state))}))
         if next_hidden is not None:
             tensors = {f"hidden.{j}": h.detach().cpu().contiguous() for j, h in enumerate(next_hidden)}
+            tensors.update({f"reference.{j}": h.detach().cpu().contiguous() for j, h in enumerate(reference or [])})
             tensors["rng.cpu"] = torch.get_rng_state()
             if torch.cuda.is_available():
                 tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -192,8 +194,9 @@ class WorkFolder:
         self.inputs_file(i).unlink(missing_ok=True)
         _test_kill(i)
 
-    def load_inputs(self, i: int, device: torch.device) -> list[torch.Tensor]:
-        """The saved hidden states entering block ``i`` (and restore the RNG state saved with them)."""
+    def load_inputs(self, i: int, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The saved hidden states entering block ``i`` and the saved full-precision stream (None
+        when none was saved), and restore the RNG state saved with them."""
         f = self.inputs_file(i)
         if not f.is_file():
             raise BadInput(f"{self.path} lacks the inputs of block {i}; pass --force to start over")
@@ -201,10 +204,12 @@ class WorkFolder:
             keys = set(st.keys())
             count = sum(k.startswith("hidden.") for k in keys)
             hidden = [st.get_tensor(f"hidden.{j}").to(device) for j in range(count)]
+            refs = sum(k.startswith("reference.") for k in keys)
+            reference = [st.get_tensor(f"reference.{j}").to(device) for j in range(refs)] if refs else None
             torch.set_rng_state(st.get_tensor("rng.cpu"))
             if "rng.cuda" in keys and torch.cuda.is_available():
                 torch.cuda.set_rng_state(st.get_tensor("rng.cuda"))
-        return hidden
+        return hidden, reference
 
     def block_refs(self, i: int) -> dict[str, TensorRef]:
         """Block ``i``'s tensors in state-dict order, each read from the file when needed."""
@@ -321,23 +326,25 @@ def restore_blocks(model: nn.Module, work: WorkFolder, plan: dict[str, LayerSpec
 
 
 def resume_inputs(model: nn.Module, work: WorkFolder, plan: dict[str, LayerSpec], batches: torch.Tensor | None,
-                  device: torch.device, load: bool) -> BlockInputs | None:
+                  device: torch.device, load: bool, refining: bool = False) -> BlockInputs | None:
     """Put the finished blocks back into ``model`` (``restore_blocks``) and rebuild the inputs of the
     next block: the saved hidden states, with the other block arguments (masks, position
     embeddings) recomputed by capturing block 0's inputs again; None when the rest needs no data."""
     restore_blocks(model, work, plan, load)
     arch = arch_for(model)
     rest = {n: s for n, s in plan.items() if (block_of(n, arch.blocks) or 0) >= work.next_block}
-    if batches is None or not plan_needs_data(rest):
+    if batches is None or not (refining or plan_needs_data(rest)):
         return None
-    hidden = work.load_inputs(work.next_block, device)
+    hidden, reference = work.load_inputs(work.next_block, device)
+    if refining and (reference is None or len(reference) != len(hidden)):
+        raise BadInput(f"{work.path} lacks the full-precision states refinement needs; pass --force to start over")
     home = next(model.parameters()).device
     captured = capture_block_inputs(model, batches.split(BATCH_SIZE), device, arch)
     move_outside_blocks(model, arch, home)
     if len(captured.hidden) != len(hidden):
         raise BadInput(f"{work.path} holds {len(hidden)} batches of inputs, this run has {len(captured.hidden)}; "
                        "pass --force to start over")
-    return captured.with_hidden(hidden)
+    return captured.with_hidden(hidden, reference if refining else None)
 
 
 @contextmanager

@@ -10,6 +10,8 @@ from lwq.errors import BadInput
 SUPPORTED_BITS = (2, 3, 4, 6, 8, 16)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 FORMATS = ("gptq", "w4a8", "int6", "bnb", "fp16")
+GRIDS = ("minmax", "mse")  # per-group grid search of the rtn and gptq backends (--grid)
+REFINE_MODES = ("block", "none")  # block-output refinement after the backend (--refine)
 SPEC_FIELDS = ("bits", "group_size", "sym", "backend", "format", "act_bits", "act_order")
 
 

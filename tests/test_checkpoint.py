@@ -49,7 +49,7 @@ def test_round_trip_per_backend(tiny, tmp_path, backend, bits, group):
     assert torch.allclose(logits(loaded), logits(res.model), atol=1e-5)
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
-    assert qc["quant_method"] == "lwq" and qc["format_version"] == 1 and qc["default"] == spec.to_dict()
+    assert qc["quant_method"] == "lwq" and qc["format_version"] == 2 and qc["default"] == spec.to_dict()
     assert set(qc["layers"]) == set(linear_names(res.model)) and len(qc["layers"]) == 14
     assert (out / "tokenizer.json").is_file()
     manifest = json.loads((out / MANIFEST).read_text())

@@ -25,7 +25,7 @@ from lwq.allocate.budget import parse_budget
 from lwq.allocate.groups import TIE_MODES
 from lwq.errors import BadInput
 from lwq.fileio import read_text
-from lwq.spec import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from lwq.spec import GRIDS, REFINE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 RECIPE_VERSION = 1
 RUNTIME_ONLY = ("evaluate", "start")  # solver options only code can pass
@@ -39,7 +39,9 @@ class Recipe:
     ``options``: extra keyword options for the solver (e.g. ``generations`` for ``search``);
     ``measure_with``: how the measured estimate quantizes each trial: ``backend`` (the candidate's
     backend and storage format, GPTQ on the layer's full-precision-input Hessian) or ``rtn``
-    (round-to-nearest for all: faster, a rougher proxy for GPTQ)."""
+    (round-to-nearest for all: faster, a rougher proxy for GPTQ); ``refine``: ``block`` tunes each
+    quantized block against the full-precision outputs (``refine_steps`` steps) or ``none``;
+    ``grid``: ``minmax`` or ``mse`` (clipping search) for the rtn and gptq backends."""
 
     budget: str | None = None
     scorer: str = "sensitivity"
@@ -54,6 +56,9 @@ class Recipe:
     data: str | None = None
     tie: str = "none"
     measure_with: str = "backend"
+    refine: str = "block"
+    refine_steps: int = 200
+    grid: str = "minmax"
     description: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
     version: int = RECIPE_VERSION
@@ -96,6 +101,10 @@ def _check(r: Recipe) -> None:
     want("data", r.data is None or isinstance(r.data, str), "a path or dataset name")
     want("tie", r.tie in TIE_MODES, f"one of {', '.join(TIE_MODES)}")
     want("measure_with", r.measure_with in MEASURE_WITH, f"one of {', '.join(MEASURE_WITH)}")
+    want("refine", r.refine in REFINE_MODES, f"one of {', '.join(REFINE_MODES)}")
+    want("refine_steps", isinstance(r.refine_steps, int) and not isinstance(r.refine_steps, bool)
+         and r.refine_steps >= 0, "a whole number >= 0")
+    want("grid", r.grid in GRIDS, f"one of {', '.join(GRIDS)}")
     if r.tie != "none" and r.solver != "ilp":
         raise BadInput(f"recipe: tie {r.tie} needs solver ilp, not {r.solver}")
     want("description", isinstance(r.description, str), "a string")

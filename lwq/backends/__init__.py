@@ -7,9 +7,21 @@ from lwq.backends import bnb, gptq, rtn  # noqa: F401  (each registers its backe
 from lwq.backends.base import BACKENDS, Backend, QuantizedWeight
 from lwq.backends.bnb import bnb_status
 from lwq.backends.rtn import keep_fp16
-from lwq.spec import LayerSpec
+from lwq.spec import GRIDS, LayerSpec
 
-NEEDS_HESSIAN = frozenset({"gptq"})
+NEEDS_HESSIAN = frozenset({"gptq", "gptq-mse"})
+_MSE_TWIN = {"rtn": "rtn-mse", "gptq": "gptq-mse"}
+
+
+def with_grid(backend: str, grid: str) -> str:
+    """The backend of ``backend``'s family that uses the ``grid`` search (``--grid``): ``mse`` maps
+    rtn -> rtn-mse and gptq -> gptq-mse; ``minmax`` maps back; bitsandbytes keeps its own grid."""
+    from lwq.errors import BadInput
+
+    if grid not in GRIDS:
+        raise BadInput(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+    plain = {v: k for k, v in _MSE_TWIN.items()}.get(backend, backend)
+    return _MSE_TWIN.get(plain, plain) if grid == "mse" else plain
 
 
 def get_backend(name: str) -> Backend:
@@ -29,4 +41,4 @@ def quantize_weight(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor
     return get_backend(spec.backend)(weight, spec, hessian)
 
 
-__all__ = ["BACKENDS", "Backend", "QuantizedWeight", "bnb_status", "get_backend", "needs_hessian", "quantize_weight"]
+__all__ = ["BACKENDS", "GRIDS", "with_grid", "Backend", "QuantizedWeight", "bnb_status", "get_backend", "needs_hessian", "quantize_weight"]

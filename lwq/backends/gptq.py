@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from lwq.backends.base import BACKENDS, QuantizedWeight
-from lwq.backends.quant import QParams, minmax_params, quantize_values
+from lwq.backends.quant import QParams, minmax_params, mse_params, quantize_values
 from lwq.backends.rtn import storable
 from lwq.errors import BadInput, LwqError
 from lwq.spec import LayerSpec
@@ -35,18 +35,19 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
                    " of its mean diagonal (too little or degenerate calibration data?)")
 
 
-def _params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    s, z = minmax_params(x, bits, sym)
+def _params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    s, z = (mse_params if mse else minmax_params)(x, bits, sym)
     qp = storable(QParams(s, z))
     return qp.scale, qp.zero
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, blocksize: int = 128, percdamp: float = 0.01,
-                  static_groups: bool = False) -> QuantizedWeight:
+                  static_groups: bool = False, mse: bool = False) -> QuantizedWeight:
     """GPTQ of ``W`` (out, in) given ``H`` (in, in). Groups of ``spec.group_size`` columns (the last
     may be shorter) get min/max grids when the quantizer reaches their first column (or all up front
     with ``static_groups``). ``spec.act_order`` visits columns by decreasing ``diag(H)``; without static
     groups, groups then follow that order and ``g_idx`` maps each column to its group (GPTQ's desc_act).
+    ``mse`` shrinks each group's range to minimise its rounding error (``mse_params``) instead.
     Dead columns (``H_ii == 0``) are zeroed. Pure function: inputs are not modified."""
     out_f, in_f = W.shape
     if H.shape != (in_f, in_f):
@@ -63,7 +64,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, blocksize: 
     zero = torch.zeros(out_f, ngroups, device=W.device)
     if static_groups:
         for g in range(ngroups):
-            scale[:, g], zero[:, g] = _params(W[:, g * gs:(g + 1) * gs], bits, spec.sym)
+            scale[:, g], zero[:, g] = _params(W[:, g * gs:(g + 1) * gs], bits, spec.sym, mse)
 
     perm = torch.arange(in_f, device=W.device)
     if spec.act_order:
@@ -85,7 +86,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, blocksize: 
             if not static_groups and col % gs == 0:
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
                 g = col // gs
-                scale[:, g], zero[:, g] = _params(ahead, bits, spec.sym)
+                scale[:, g], zero[:, g] = _params(ahead, bits, spec.sym, mse)
             g = int(col_group[col])
             s, z = scale[:, g], zero[:, g]
             w = W1[:, i]
@@ -108,4 +109,12 @@ def gptq_backend(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor | 
     return gptq_quantize(weight, hessian, spec)
 
 
+def gptq_mse_backend(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+    """``gptq`` with MSE-optimal clipping of each group's grid (``--grid mse``)."""
+    if hessian is None:
+        raise BadInput("the gptq-mse backend needs calibration data (a Hessian per layer): pass --data PATH")
+    return gptq_quantize(weight, hessian, spec, mse=True)
+
+
 BACKENDS.add("gptq", gptq_backend)
+BACKENDS.add("gptq-mse", gptq_mse_backend)

@@ -1,6 +1,7 @@
 """``lwq quantize``: quantize every block linear of MODEL the same way and write an lwq checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import typer
@@ -11,6 +12,8 @@ from lwq.commands.common import (
     DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, MAX_MEMORY_OPT, JSON_OPT, parse_size, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
 )
 from lwq.allocate.recipes import Recipe, load_recipe, merge, parse_bits
+from lwq.backends import with_grid
+from lwq.backends.refine import REFINABLE_FORMATS, RefineConfig, parse_refine
 from lwq.errors import BadInput, LwqError
 from lwq.measure import parse_devices
 from lwq.models.arch import linear_names
@@ -64,6 +67,11 @@ def quantize_command(
     data: Optional[str] = DATA_OPT,
     nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 2048, capped at the model's context)."),
+    refine: Optional[str] = typer.Option(None, "--refine", help="block: after its backend, tune each block's rounding and grids so it reproduces the full-precision block's outputs (default for --budget, --plan and recipe runs, and for --bits runs given --data); none: keep the backend's result as it is."),
+    refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Refinement: signed-gradient steps per block (default 200; 0 = none)."),
+    refine_lr: Optional[float] = typer.Option(None, "--refine-lr", help="Refinement: first step size (default 1/steps, decaying linearly to 0)."),
+    refine_batch: int = typer.Option(8, "--refine-batch", help="Refinement: calibration windows per step (default 8)."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Per-group grid of the rtn and gptq backends: minmax (default) or mse (clipping search; rtn -> rtn-mse, gptq -> gptq-mse)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling calibration windows (same seed and inputs: byte-identical output)."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder (only once the new one is complete); discard an unfinished run's OUT.partial."),
@@ -84,9 +92,15 @@ def quantize_command(
     alpha = parse_alpha(smooth_alpha)
     if workers and budget is None and config is None:
         raise BadInput("--devices spreads planning measurements over devices: it needs --budget or a --config recipe")
+    if grid is not None:
+        with_grid("rtn", grid.strip().lower())  # check the name before anything runs
+        grid = grid.strip().lower()
+    if refine is not None:
+        refine = parse_refine(refine)
     if bits is None:
         recipe = budget_recipe(config, budget, solver, scorer, candidate_bits, backend, group_size, sym, act_bits,
-                               nsamples, seqlen, data, tie, measure_with)
+                               nsamples, seqlen, data, tie, measure_with, refine, refine_steps, grid)
+        cfg = refine_config(recipe.refine, recipe.refine_steps, refine_lr, refine_batch)
         if recipe.budget is None and plan_file is None:
             raise BadInput("nothing to do: pass --bits B, --budget (e.g. 3.25bit), --plan plan.json or a --config recipe")
         with progress(quiet or json_out) as prog:
@@ -94,21 +108,45 @@ def quantize_command(
             step = lambda i, n: prog.update(task, completed=i, total=n)  # noqa: E731
             res = quantize_with_budget(model, output, recipe, recipe.data, recipe.nsamples, recipe.seqlen, seed, load,
                                        force, text_field, calib, step, step, plan=plan_file, resume=resume,
-                                       devices=workers, smooth_alpha=alpha)
+                                       devices=workers, smooth_alpha=alpha, refine=cfg, grid=recipe.grid,
+                                       on_refine=refine_bar(prog) if cfg else None)
         _finish(res.summary, recipe.budget, json_out)
         return
     if config is not None:
         raise BadInput("--config recipes plan under a budget; drop --bits (or --config)")
-    spec = uniform_spec(bits, group_size, sym, backend or "rtn", act_bits or 16, act_order)
+    chosen = backend or "rtn"
+    spec = uniform_spec(bits, group_size, sym, chosen if grid is None else with_grid(chosen, grid), act_bits or 16,
+                        act_order)
     nsamples, seqlen = nsamples or 128, seqlen or 2048
+    mode = refine or ("block" if data is not None and spec.format in REFINABLE_FORMATS else "none")
+    cfg = refine_config(mode, 200 if refine_steps is None else refine_steps, refine_lr, refine_batch)
+    if cfg is not None and spec.format not in REFINABLE_FORMATS:
+        raise BadInput(f"--refine block tunes integer grids (gptq, int6, w4a8 formats), not {spec.format}; "
+                       "pass --refine none")
     with progress(quiet or json_out) as prog:
         task = prog.add_task(f"quantize {spec.label}", total=None)
         res = quantize_to_checkpoint(
             model, output, lambda m: {n: spec for n in linear_names(m)}, data, nsamples, seqlen, seed,
             load, force, text_field, on_block=lambda i, n: prog.update(task, completed=i, total=n),
-            resume=resume, lazy=True, smooth_alpha=alpha,
+            resume=resume, lazy=True, smooth_alpha=alpha, refine=cfg, grid=grid or "minmax",
+            on_refine=refine_bar(prog) if cfg else None,
         )
     _finish(res.summary, None, json_out)
+
+
+def refine_bar(prog: Any) -> Any:
+    """A progress bar of the current block's refinement steps, its description showing the loss."""
+    task = prog.add_task("refine", total=None)
+
+    def update(step: int, steps: int, loss: float) -> None:
+        prog.update(task, completed=step, total=steps, description=f"refine block: mse {loss:.3g}")
+    return update
+
+
+def refine_config(mode: str, steps: int, lr: float | None, batch: int) -> RefineConfig | None:
+    """The refinement settings of a run (None for ``--refine none`` or 0 steps); bad values are BadInput."""
+    cfg = RefineConfig(steps, lr, batch)
+    return cfg if mode == "block" and steps > 0 else None
 
 
 def parse_alpha(text: str) -> float | None:
@@ -127,7 +165,8 @@ def parse_alpha(text: str) -> float | None:
 def budget_recipe(config: str | None, budget: str | None, solver: str | None, scorer: str | None,
                   candidate_bits: str | None, backend: str | None, group_size: int | None, sym: bool,
                   act_bits: int | None, nsamples: int | None, seqlen: int | None, data: str | None,
-                  tie: str | None, measure_with: str | None = None) -> Recipe:
+                  tie: str | None, measure_with: str | None = None, refine: str | None = None,
+                  refine_steps: int | None = None, grid: str | None = None) -> Recipe:
     """The recipe from ``--config`` (or the defaults) with the flags that were given on top."""
     from lwq.score import SCORERS
 
@@ -135,10 +174,11 @@ def budget_recipe(config: str | None, budget: str | None, solver: str | None, sc
     overrides = {"budget": budget, "solver": solver, "scorer": scorer,
                  "bits": parse_bits(candidate_bits) if candidate_bits else None, "backend": backend,
                  "group_size": group_size, "sym": sym or None, "act_bits": act_bits, "nsamples": nsamples,
-                 "seqlen": seqlen, "data": data, "tie": tie, "measure_with": measure_with}
+                 "seqlen": seqlen, "data": data, "tie": tie, "measure_with": measure_with, "refine": refine,
+                 "refine_steps": refine_steps, "grid": grid}
     recipe = merge(base, overrides)
     SCORERS.get(recipe.scorer)
-    return recipe
+    return dataclasses.replace(recipe, backend=with_grid(recipe.backend, recipe.grid))
 
 
 def _finish(summary: dict[str, Any], budget: str | None, json_out: bool) -> None:

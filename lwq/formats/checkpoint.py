@@ -23,11 +23,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lwq.errors import BadInput, LwqError
-from lwq.formats.qlinear import QuantizedLinear, install_empty
+from lwq.formats.qlinear import QuantizedLinear, add_stored_g_idx, install_empty
 from lwq.models.load import read_config, resolve_device, resolve_dtype
 from lwq.spec import LayerSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no g_idx stored for layers without act-order (1: stored for every gptq layer)
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "lwq_manifest.json"
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 2 * 1024**3
@@ -305,9 +306,9 @@ def read_plan(config: dict[str, Any]) -> dict[str, LayerSpec]:
     qc = config.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "lwq":
         raise BadInput("config.json has no lwq quantization_config")
-    if qc.get("format_version") != FORMAT_VERSION:
+    if qc.get("format_version") not in READABLE_VERSIONS:
         raise BadInput(f"unsupported lwq checkpoint format_version {qc.get('format_version')!r} "
-                       f"(this lwq reads {FORMAT_VERSION})")
+                       f"(this lwq reads {', '.join(map(str, READABLE_VERSIONS))})")
     layers = qc.get("layers")
     if not isinstance(layers, dict):
         raise BadInput("quantization_config.layers must map module names to specs")
@@ -344,6 +345,8 @@ def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto")
     torch_dtype = resolve_dtype(dtype, dev, config.get("dtype") or config.get("torch_dtype"))
     model = _skeleton(config, torch_dtype)
     install_empty(model, plan)
+    if config["quantization_config"].get("format_version") == 1:
+        add_stored_g_idx(model)
     _load_tensors(model, shards)
     model.tie_weights()
     model.to(dev)

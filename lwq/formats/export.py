@@ -241,7 +241,7 @@ def _layer_tensors(x: LayerExport, src: dict[str, torch.Tensor], shape: tuple[in
         w = src["weight"] if fmt == "fp16" else layout.dequantize(src, spec, shape).to(torch.float16)
         return {"weight": (w.t() if conv1d else w).contiguous()}
     if x.requantize is None and fmt == "gptq":
-        return gptq_from_lwq(src, x.bits, shape[0])
+        return gptq_from_lwq(src, x.bits, shape[0], shape, spec.group_size)
     return gptq_requantized(layout.dequantize(src, spec, shape), x.bits, x.group_size, x.sym)
 
 

@@ -22,12 +22,20 @@ def v1_tensors(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
             "scales": scales.to(torch.float16).contiguous(), "g_idx": g_idx.to(torch.int32).contiguous()}
 
 
-def gptq_from_lwq(t: Mapping[str, torch.Tensor], bits: int, out_features: int) -> dict[str, torch.Tensor]:
-    """Convert lwq's GPTQ-layout tensors (zero points stored as they are) to GPTQ v1."""
+def gptq_from_lwq(t: Mapping[str, torch.Tensor], bits: int, out_features: int,
+                  shape: tuple[int, int] | None = None, group_size: int = -1) -> dict[str, torch.Tensor]:
+    """Convert lwq's GPTQ-layout tensors (zero points stored as they are) to GPTQ v1. GPTQ readers
+    need ``g_idx``: one lwq did not store (no act-order) is written as ``i // group_size``."""
+    from lwq.backends.quant import group_index
     from lwq.formats.pack import unpack
 
     zeros = unpack(t["qzeros"], bits, out_features, dim=1)
-    return v1_tensors(t["qweight"], zeros, t["scales"], t["g_idx"], bits)
+    g_idx = t.get("g_idx")
+    if g_idx is None:
+        if shape is None:
+            raise ValueError("gptq_from_lwq: a layer without g_idx needs its shape")
+        g_idx = group_index(shape[1], group_size)
+    return v1_tensors(t["qweight"], zeros, t["scales"], g_idx, bits)
 
 
 def gptq_requantized(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> dict[str, torch.Tensor]:

@@ -45,13 +45,16 @@ class LwqHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         from lwq.formats.checkpoint import read_plan, verify_manifest
-        from lwq.formats.qlinear import install_empty
+        from lwq.formats.qlinear import add_stored_g_idx, install_empty
 
         files = kwargs.get("checkpoint_files") or []
         if files:
             verify_manifest(Path(files[0]).parent)
         plan = read_plan({"quantization_config": self.quantization_config.to_dict()})
-        return install_empty(model, plan)
+        install_empty(model, plan)
+        if self.quantization_config.format_version == 1:
+            add_stored_g_idx(model)
+        return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         from lwq.kernels import attach_kernels

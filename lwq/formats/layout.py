@@ -12,7 +12,8 @@ from abc import ABC, abstractmethod
 import torch
 
 from lwq.backends.base import QuantizedWeight
-from lwq.backends.quant import QParams, dequantize
+from lwq.backends.quant import QParams, dequantize, group_index
+from lwq.errors import LwqError
 from lwq.formats.pack import pack, packed_len, unpack
 from lwq.registry import Registry
 from lwq.spec import LayerSpec
@@ -53,7 +54,9 @@ def num_groups(in_features: int, group_size: int) -> int:
 
 class GptqLayout(Layout):
     """GPTQ's layout: ``qweight`` int32 [words(in), out] (codes packed along the input dimension),
-    ``qzeros`` int32 [groups, words(out)], ``scales`` fp16 [groups, out], ``g_idx`` int32 [in].
+    ``qzeros`` int32 [groups, words(out)], ``scales`` fp16 [groups, out], and ``g_idx`` int32 [in]
+    only under act-order: without it the group of column ``i`` is implied (``i // group_size``), so
+    lwq stores no bytes for it (format version 2; version 1 stored it always, and still loads).
 
     lwq stores the zero points as they are (GPTQModel's ``gptq_v2``); the GPTQ v1 export subtracts one.
     """
@@ -63,24 +66,29 @@ class GptqLayout(Layout):
     def pack(self, qw: QuantizedWeight) -> Tensors:
         assert qw.q is not None and qw.scale is not None and qw.zero is not None and qw.g_idx is not None
         bits = qw.spec.bits
-        return {
+        t = {
             "qweight": pack(qw.q.t().contiguous(), bits, dim=0),
             "qzeros": pack(qw.zero.t().contiguous(), bits, dim=1),
             "scales": qw.scale.t().contiguous().to(torch.float16),
-            "g_idx": qw.g_idx.to(torch.int32).contiguous(),
         }
+        if qw.spec.act_order:
+            t["g_idx"] = qw.g_idx.to(torch.int32).contiguous()
+        elif not torch.equal(qw.g_idx.long().cpu(), group_index(qw.shape[1], qw.spec.group_size).long()):
+            raise LwqError("gptq: g_idx is permuted but the spec has act_order=False")
+        return t
 
     def dequantize(self, t: Tensors, spec: LayerSpec, shape: tuple[int, int]) -> torch.Tensor:
         out_f, in_f = shape
         q = unpack(t["qweight"], spec.bits, in_f, dim=0).t()
         zero = unpack(t["qzeros"], spec.bits, out_f, dim=1).t()
         qp = QParams(t["scales"].float().t(), zero)
-        return dequantize(q, qp, t["g_idx"])
+        g_idx = t.get("g_idx")
+        return dequantize(q, qp, group_index(in_f, spec.group_size, q.device) if g_idx is None else g_idx)
 
     def cost(self, out_features: int, in_features: int, spec: LayerSpec) -> int:
         g = num_groups(in_features, spec.group_size)
         return (4 * packed_len(in_features, spec.bits) * out_features + 4 * g * packed_len(out_features, spec.bits)
-                + 2 * g * out_features + 4 * in_features)
+                + 2 * g * out_features + (4 * in_features if spec.act_order else 0))
 
 
 class Fp16Layout(Layout):

@@ -108,9 +108,12 @@ def _gptq_empty(spec: LayerSpec, shape: tuple[int, int]) -> Tensors:
     """Shapes of ``GptqLayout.pack`` computed without packing (tests check they agree)."""
     out_f, in_f = shape
     g = num_groups(in_f, spec.group_size)
-    return {"qweight": torch.zeros(packed_len(in_f, spec.bits), out_f, dtype=torch.int32),
-            "qzeros": torch.zeros(g, packed_len(out_f, spec.bits), dtype=torch.int32),
-            "scales": torch.zeros(g, out_f, dtype=torch.float16), "g_idx": torch.zeros(in_f, dtype=torch.int32)}
+    t = {"qweight": torch.zeros(packed_len(in_f, spec.bits), out_f, dtype=torch.int32),
+         "qzeros": torch.zeros(g, packed_len(out_f, spec.bits), dtype=torch.int32),
+         "scales": torch.zeros(g, out_f, dtype=torch.float16)}
+    if spec.act_order:
+        t["g_idx"] = torch.zeros(in_f, dtype=torch.int32)
+    return t
 
 
 def _fp16_empty(spec: LayerSpec, shape: tuple[int, int]) -> Tensors:
@@ -128,6 +131,15 @@ def _zero_weight(spec: LayerSpec, out_f: int, in_f: int) -> QuantizedWeight:
         group_index(in_f, spec.group_size), extra={"weight": torch.zeros(out_f, in_f, dtype=torch.float16)},
         meta={"shape": (out_f, in_f)},
     )
+
+
+def add_stored_g_idx(model: nn.Module) -> None:
+    """Give every ``gptq``-format layer without act-order a ``g_idx`` buffer: format version 1
+    checkpoints stored one for every layer (``i // group_size``; the loaded values are used)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and _format(module.spec) == "gptq" and "g_idx" not in module.tensor_names:
+            module.register_buffer("g_idx", group_index(module.in_features, module.spec.group_size))
+            module.tensor_names = module.tensor_names + ("g_idx",)
 
 
 def replace_linear(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

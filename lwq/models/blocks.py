@@ -37,12 +37,13 @@ class BlockInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]] = field(default_factory=list)
+    reference: list[torch.Tensor] | None = None  # the full-precision model's states here (refinement)
 
     def __len__(self) -> int:
         return len(self.hidden)
 
-    def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
-        return BlockInputs(hidden, self.kwargs)
+    def with_hidden(self, hidden: list[torch.Tensor], reference: list[torch.Tensor] | None = None) -> "BlockInputs":
+        return BlockInputs(hidden, self.kwargs, reference)
 
 
 def move_outside_blocks(model: nn.Module, spec: ArchSpec, device: torch.device | str) -> None:

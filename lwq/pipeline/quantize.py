@@ -23,7 +23,8 @@ def quantize_to_checkpoint(
     on_block: Callable[[int, int], None] | None = None, pre_quantize: Any = None, model: Any = None,
     extra_files: dict[str, Any] | None = None, extra_summary: dict[str, Any] | None = None,
     resume: bool = False, lazy: bool = False, work: Any = None, batches: Any = None,
-    smooth_alpha: float | None = 0.5,
+    smooth_alpha: float | None = 0.5, refine: Any = None, grid: str = "minmax",
+    on_refine: Callable[[int, int, float], None] | None = None,
 ) -> QuantizeResult:
     """Load ``model_name``, quantize it under ``plan`` (a dict name -> LayerSpec, or a function of the
     loaded model returning one) block by block, and write the checkpoint to ``out``.
@@ -39,8 +40,12 @@ def quantize_to_checkpoint(
     files (``lwq.models.lazy``; falls back to a full load when the model cannot be read that way) so
     memory stays about one block whatever the depth; the returned model's blocks are then left on
     ``meta``. ``work``: a ``WorkFolder`` already claimed by the caller. ``smooth_alpha``: SmoothQuant
-    strength for int8-activation layers (``None``: no smoothing), unless ``pre_quantize`` is given."""
+    strength for int8-activation layers (``None``: no smoothing), unless ``pre_quantize`` is given.
+    ``refine``: a ``RefineConfig`` to tune each block against the full-precision outputs (None: no
+    refinement); ``on_refine(step, steps, loss)`` reports each refinement step of the current block;
+    ``grid`` is only reported (the plan's backends already carry it)."""
     import time
+    from dataclasses import asdict
     from pathlib import Path
 
     import torch
@@ -73,9 +78,11 @@ def quantize_to_checkpoint(
     tok = load_tokenizer(model_name, load.trust_remote_code)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     seqlen = min(seqlen, max_pos) if isinstance(max_pos, int) else seqlen
-    if plan_needs_data(layer_plan) and batches is not None:
+    refining = refine is not None and refine.steps > 0
+    wants_data = plan_needs_data(layer_plan) or refining
+    if wants_data and batches is not None:
         pass  # the caller's calibration windows (e.g. the ones the plan was measured on)
-    elif plan_needs_data(layer_plan):
+    elif wants_data:
         if data is None or data == SELF_DATA:
             data = SELF_DATA
             if loader is not None:  # sampling from the model needs all of it, not one block at a time
@@ -92,21 +99,25 @@ def quantize_to_checkpoint(
     start = work.start(fingerprint(model=model_identity(model_name), plan=plan_digest(layer_plan), data=data,
                                    text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype,
                                    device=dev.type, calibration=tensor_digest(batches), blocks=nblocks,
-                                   smooth_alpha=smooth_alpha if pre_quantize is not None else None))
+                                   smooth_alpha=smooth_alpha if pre_quantize is not None else None,
+                                   **({"refine": asdict(refine)} if refining else {})))
     torch.manual_seed(seed)
-    inputs = resume_inputs(model, work, layer_plan, batches, dev, loader is None) if start else None
+    inputs = resume_inputs(model, work, layer_plan, batches, dev, loader is None, refining) if start else None
     prefix = arch_for(model).blocks
 
     def save_block(i: int, _layers: Any, next_inputs: Any) -> None:
-        work.save_block(i, get_blocks(model)[i], f"{prefix}.{i}", None if next_inputs is None else next_inputs.hidden)
+        work.save_block(i, get_blocks(model)[i], f"{prefix}.{i}", None if next_inputs is None else next_inputs.hidden,
+                        None if next_inputs is None else next_inputs.reference)
         if on_block is not None:
             on_block(i + 1, nblocks)
 
+    reports: list[Any] = []
     t0 = time.perf_counter()
     try:
         with deterministic(dev):
             quantize_model(model, layer_plan, batches, dev, save_block, start_block=start, inputs=inputs,
-                           pre_quantize=pre_quantize, loader=loader, collect=False)
+                           pre_quantize=pre_quantize, loader=loader, collect=False, refine=refine, seed=seed,
+                           reports=reports, on_refine=on_refine)
     except KeyboardInterrupt:
         work.discard_if_empty()
         raise LwqError(f"interrupted after {work.next_block} of {nblocks} blocks; rerun with --resume to continue",
@@ -129,6 +140,7 @@ def quantize_to_checkpoint(
         "bits": uniform("bits"), "group_size": uniform("group_size"), "sym": uniform("sym"),
         "act_bits": uniform("act_bits"), "act_order": uniform("act_order"), "format": uniform("format"),
         "smooth_alpha": smooth_alpha if any(sp.act_bits == 8 for sp in specs) else None,
+        "refine": "block" if refining else "none", "refine_steps": refine.steps if refining else 0, "grid": grid,
         "bits_per_weight": 8.0 * qbytes / numel, "quantized_bytes": qbytes, "quantized_params": numel,
         "num_layers": len(layer_plan), "num_blocks": nblocks, "device": str(dev),
         "calibration": None if batches is None else {"data": data, "nsamples": int(batches.shape[0]),
@@ -150,13 +162,14 @@ def quantize_with_budget(
     load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text", calib: str | None = None,
     on_step: Progress | None = None, on_block: Progress | None = None, plan: Any = None,
     error_db: str | None = None, resume: bool = False, devices: Any = (), smooth_alpha: float | None = 0.5,
+    refine: Any = None, grid: str = "minmax", on_refine: Callable[[int, int, float], None] | None = None,
 ) -> QuantizeResult:
     """Plan (unless ``plan`` is given: a path of a plan JSON file, checked against the model and
     repriced) then quantize and write the checkpoint, with ``plan.json`` inside it. The summary
     reports the plan's budget and solver. ``resume``: continue an interrupted run (see
     ``quantize_to_checkpoint``); a plan made by the interrupted run is reused, not made again.
     ``devices``: several devices measure the planning error database in parallel (``plan_for_model``);
-    ``smooth_alpha`` as in ``quantize_to_checkpoint``."""
+    ``smooth_alpha``, ``refine`` and ``grid`` as in ``quantize_to_checkpoint``."""
     from dataclasses import asdict
 
     from lwq.allocate.plan import load_plan, plan_from_dict, plan_to_dict, reprice
@@ -209,7 +222,8 @@ def quantize_with_budget(
     res = quantize_to_checkpoint(model_name, out, lambda _m: plan.specs, data, nsamples, seqlen, seed, load, force,
                                  text_field, on_block, model=model, extra_files={"plan.json": plan_to_dict(plan)},
                                  extra_summary=extra, resume=resume, work=work, batches=batches,
-                                 lazy=model is None, smooth_alpha=smooth_alpha)
+                                 lazy=model is None, smooth_alpha=smooth_alpha, refine=refine, grid=grid,
+                                 on_refine=on_refine)
     res.summary["budget_exceeded"] = cap is not None and res.summary["quantized_bytes"] > cap
     return res
 

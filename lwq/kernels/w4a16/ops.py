@@ -68,18 +68,22 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                 g_idx: torch.Tensor, bits: int = 4, *, split_k: int | None = None) -> torch.Tensor:
-    """``x @ W^T`` (no bias) for a GPTQ-layout weight; same function as ``w4a16.reference.w4a16_reference``."""
+                 g_idx: torch.Tensor | None, bits: int = 4, *, group_size: int = -1,
+                 split_k: int | None = None) -> torch.Tensor:
+    """``x @ W^T`` (no bias) for a GPTQ-layout weight; same function as ``w4a16.reference.w4a16_reference``.
+    Without a stored ``g_idx`` (no act-order) column ``k`` is in group ``k // group_size``."""
     if 32 % bits:
         raise LwqError(f"the W4A16 kernel packs 32/bits codes per word; {bits}-bit is not supported")
-    K = g_idx.shape[0]
+    K = x.shape[-1] if g_idx is None else g_idx.shape[0]
     check_input(x, K, qweight)
     x2 = x.reshape(-1, K).contiguous()
+    g = None if g_idx is None else g_idx.to(torch.int32).contiguous()
     y = launch_wa16(x2, qweight.contiguous(), None, scales.contiguous(), qzeros.contiguous(), ZERO_PACKED,
-                    g_idx.to(torch.int32).contiguous(), -1, bits, split_k)
+                    g, -1 if g is not None else group_size, bits, split_k)
     return y.reshape(*x.shape[:-1], scales.shape[1])
 
 
 def run_gptq(x: torch.Tensor, layer: Any) -> torch.Tensor:
     """Kernel entry for a ``QuantizedLinear`` in the ``gptq`` format."""
-    return w4a16_linear(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.spec.bits)
+    return w4a16_linear(x, layer.qweight, layer.qzeros, layer.scales, layer.tensors().get("g_idx"), layer.spec.bits,
+                        group_size=layer.spec.group_size)

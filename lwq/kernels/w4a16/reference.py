@@ -24,9 +24,12 @@ def weight_only_matmul(x: torch.Tensor, W_kn: torch.Tensor) -> torch.Tensor:
 
 
 def w4a16_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                    g_idx: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """``x @ W^T`` for a GPTQ-layout weight (qweight [words(K), N], qzeros [groups, words(N)])."""
+                    g_idx: torch.Tensor | None, bits: int = 4, group_size: int = -1) -> torch.Tensor:
+    """``x @ W^T`` for a GPTQ-layout weight (qweight [words(K), N], qzeros [groups, words(N)]); without
+    ``g_idx`` column ``k`` is in group ``k // group_size``."""
     K, N = x.shape[-1], scales.shape[1]
+    if g_idx is None:
+        g_idx = torch.arange(K, device=x.device) // (K if group_size == -1 else group_size)
     q = unpack(qweight, bits, K, dim=0)
     z = unpack(qzeros, bits, N, dim=1)
     return weight_only_matmul(x, dequant_kn(q, z, scales, g_idx))

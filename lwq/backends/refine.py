@@ -1,0 +1,246 @@
+"""Block-output refinement: tune the rounding and the grids of one quantized block (SignRound's idea).
+
+After a decoder block's linears are quantized by their backend, each refinable layer gets a learnable
+rounding offset ``v`` in [-0.5, 0.5] per weight and learnable range factors per group (the low and
+high ends of an asymmetric grid, the half-range of a symmetric one). The block, fed the inputs that
+the already-quantized earlier blocks produce, is tuned by signed gradient descent with a linearly
+decaying step to reproduce the full-precision block's outputs on full-precision inputs, so each block
+also absorbs the error it receives. Rounding starts from the weight the backend was given on the
+backend's grid (see ``TunedLinear``), the whole-set loss is measured at a few checkpoints, and the
+best parameters seen win; a block is never left with a larger output error than the backend gave it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lwq.backends.base import QuantizedWeight
+from lwq.errors import BadInput
+from lwq.spec import REFINE_MODES
+REFINABLE_FORMATS = frozenset({"gptq", "int6", "w4a8"})
+FP16_MIN_NORMAL = 2.0**-14
+RANGE = (0.5, 1.25)  # bounds of the learned range factors (1 = the backend's grid)
+CHECKS = 4  # whole-set loss evaluations over the run (besides the start)
+OnStep = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """``steps`` signed-gradient steps per block (0: keep the backend's result), ``lr`` the first
+    step size (default ``1 / steps``, decaying linearly to 0), ``batch`` calibration windows per step."""
+
+    steps: int = 200
+    lr: float | None = None
+    batch: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise BadInput(f"--refine-steps must be a whole number >= 0, got {self.steps!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise BadInput(f"--refine-lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise BadInput(f"--refine-batch must be a whole number >= 1, got {self.batch!r}")
+
+    @property
+    def step_size(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.steps, 1)
+
+
+def parse_refine(mode: str) -> str:
+    """``--refine``: ``block`` or ``none`` (case-insensitive)."""
+    m = str(mode).strip().lower()
+    if m not in REFINE_MODES:
+        raise BadInput(f"--refine must be one of {', '.join(REFINE_MODES)}, got {mode!r}")
+    return m
+
+
+def refinable(qw: QuantizedWeight) -> bool:
+    """Whether ``qw`` is an integer grid (codes, scales, zeros) that refinement can tune."""
+    return (qw.q is not None and qw.scale is not None and qw.zero is not None and qw.g_idx is not None
+            and qw.spec.bits < 16 and qw.spec.format in REFINABLE_FORMATS)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _fake_int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per-token symmetric int8 fake quantization (what int8-activation kernels do), identity gradient."""
+    s = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
+    return x + (torch.clamp(torch.round(x / s), -127, 127) * s - x).detach()
+
+
+class TunedLinear(nn.Module):
+    """A quantized linear with learnable rounding and grid; ``result()`` gives its ``QuantizedWeight``.
+
+    Codes are ``round(source / s + v) + z`` on the learned grid ``(s, z)``, which starts at the
+    backend's. ``source`` is the weight the backend was given (then the start is round-to-nearest
+    on the backend's grid); without it, the backend's dequantized weight (the start is its codes).
+    Rounding from the weight itself refines better: on docs8 at 3 bits the tuned block-output error
+    ends 20-35% lower than when starting from GPTQ's codes, whose offsets sit at the [-0.5, 0.5] edge."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device,
+                 source: torch.Tensor | None = None) -> None:
+        super().__init__()
+        assert refinable(qw)
+        self.qw = qw
+        self.maxq = 2**qw.spec.bits - 1
+        self.sym = bool(qw.spec.sym or qw.spec.act_bits == 8)
+        self.register_buffer("g", qw.g_idx.long().to(device))
+        s0, z0 = qw.scale.float().to(device), qw.zero.float().to(device)
+        self.register_buffer("s0", s0)
+        self.register_buffer("z0", z0)
+        self.register_buffer("base", (s0[:, self.g] * (qw.q.float().to(device) - z0[:, self.g])) if source is None
+                             else source.detach().float().to(device))
+        smooth = qw.extra.get("smooth")
+        self.register_buffer("smooth", None if smooth is None else smooth.float().to(device))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().to(device))
+        self.v = nn.Parameter(torch.zeros_like(self.base))
+        self.hi = nn.Parameter(torch.ones_like(s0))
+        self.lo = None if self.sym else nn.Parameter(torch.ones_like(s0))
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales (fp16-exact, as stored) and zero points (integers) of the current parameters."""
+        if self.sym:
+            s, z = self.s0 * self.hi, self.z0
+        else:
+            wmin, wmax = -self.z0 * self.s0 * self.lo, (self.maxq - self.z0) * self.s0 * self.hi
+            s = (wmax - wmin) / self.maxq
+            s = s.clamp_min(FP16_MIN_NORMAL)
+            z = torch.clamp(_round_ste(-wmin / s), 0, self.maxq)
+        s = s.clamp_min(FP16_MIN_NORMAL)
+        s = s + (s.detach().to(torch.float16).float() - s.detach())
+        return s, z
+
+    def weight(self) -> torch.Tensor:
+        s, z = self.grid()
+        sg, zg = s[:, self.g], z[:, self.g]
+        codes = torch.clamp(_round_ste(self.base / sg + self.v) + zg, 0, self.maxq)
+        return sg * (codes - zg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight()
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        if self.qw.spec.act_bits == 8:
+            x = _fake_int8_rows(x)
+        return nn.functional.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.v.clamp_(-0.5, 0.5)
+            self.hi.clamp_(*RANGE)
+            if self.lo is not None:
+                self.lo.clamp_(*RANGE)
+
+    def result(self) -> QuantizedWeight:
+        """The tuned weight as the checkpoint will store it (codes, fp16 scales, integer zeros)."""
+        with torch.no_grad():
+            s, z = self.grid()
+            sg, zg = s[:, self.g], z[:, self.g]
+            q = torch.clamp(torch.round(self.base / sg + self.v) + zg, 0, self.maxq)
+            qw = self.qw
+            return QuantizedWeight(qw.spec, q.to(torch.int32).cpu(), s.cpu(), z.to(torch.int32).cpu(), qw.g_idx.cpu(),
+                                   dict(qw.extra), {**qw.meta, "refined": True})
+
+
+@dataclass(frozen=True)
+class RefineReport:
+    """Whole-set block-output MSE before and after, and whether the tuned result was kept."""
+
+    start_loss: float
+    final_loss: float
+    kept: bool
+    layers: int
+
+
+def _slice_kwargs(kw: dict[str, Any], idx: torch.Tensor, batch: int) -> dict[str, Any]:
+    """Keyword arguments of a batch restricted to windows ``idx`` (tensors whose first dim is the batch)."""
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
+            return v[idx.to(v.device)]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        if isinstance(v, list):
+            return [cut(x) for x in v]
+        return v
+    return {k: cut(v) for k, v in kw.items()}
+
+
+Layer = tuple[QuantizedWeight, "torch.Tensor | None", "torch.Tensor | None"]  # weight, bias, source
+
+
+def refine_block(block: nn.Module, layers: dict[str, Layer],
+                 hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], targets: list[torch.Tensor],
+                 cfg: RefineConfig, device: torch.device, seed: int = 0,
+                 on_step: OnStep | None = None) -> tuple[dict[str, QuantizedWeight], RefineReport]:
+    """Tune the quantized linears ``layers`` (block-relative name -> (weight, bias, source weight or
+    None)) of ``block``, whose modules hold the backend's result, so that ``block(hidden)`` matches
+    ``targets``; returns the tuned weights (the given ones when tuning did not lower the whole-set
+    loss below the backend's) and a report. The block's modules are left as they were."""
+    from lwq.formats.qlinear import replace_linear
+    from lwq.models.blocks import run_block
+
+    given = {lin: layer[0] for lin, layer in layers.items()}
+    todo = {lin: layer for lin, layer in layers.items() if refinable(layer[0])}
+    if not todo or cfg.steps == 0 or not hidden:
+        return given, RefineReport(math.nan, math.nan, False, 0)
+    gen = torch.Generator().manual_seed(seed)
+
+    def whole_loss() -> float:
+        with torch.no_grad():
+            tot = sum(float(nn.functional.mse_loss(run_block(block, h.to(device), kw).float(), t.to(device).float(),
+                                                    reduction="sum")) for h, kw, t in zip(hidden, kwargs, targets))
+        return tot / sum(t.numel() for t in targets)
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
+
+    start = whole_loss()  # the backend's result, still in place
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    tuned = {lin: TunedLinear(qw, bias, device, source) for lin, (qw, bias, source) in todo.items()}
+    old = {lin: replace_linear(block, lin, t) for lin, t in tuned.items()}
+    params = [p for t in tuned.values() for p in t.parameters()]
+    try:
+        best, best_params = whole_loss(), snapshot()
+        every = max(1, math.ceil(cfg.steps / CHECKS))
+        with torch.enable_grad():
+            for step in range(cfg.steps):
+                b = int(torch.randint(len(hidden), (1,), generator=gen))
+                h, kw, t = hidden[b], kwargs[b], targets[b]
+                n = h.shape[0]
+                if cfg.batch < n:
+                    idx = torch.randperm(n, generator=gen)[:cfg.batch]
+                    h, t, kw = h[idx.to(h.device)], t[idx.to(t.device)], _slice_kwargs(kw, idx, n)
+                out = run_block(block, h.to(device), kw).float()
+                loss = nn.functional.mse_loss(out, t.to(device).float())
+                grads = torch.autograd.grad(loss, params)
+                lr = cfg.step_size * (1.0 - step / cfg.steps)
+                with torch.no_grad():
+                    for p, g in zip(params, grads):
+                        p.sub_(lr * torch.sign(g))
+                for tl in tuned.values():
+                    tl.clamp_()
+                if on_step is not None:
+                    on_step(step + 1, cfg.steps, float(loss.detach()))
+                if (step + 1) % every == 0 or step + 1 == cfg.steps:
+                    cur = whole_loss()
+                    if cur < best:
+                        best, best_params = cur, snapshot()
+        with torch.no_grad():
+            for p, v in zip(params, best_params):
+                p.copy_(v)
+        kept = best < start
+        result = {lin: (tuned[lin].result() if kept and lin in tuned else qw) for lin, qw in given.items()}
+        return result, RefineReport(start, best, kept, len(tuned))
+    finally:
+        for lin, module in old.items():
+            replace_linear(block, lin, module)
+        for p in frozen:
+            p.requires_grad_(True)
