@@ -328,3 +328,17 @@ def test_benchmark_rows_and_targets_on_cpu():
     fast = [bench.Row(**{**r.__dict__, "of_memory_bound": 0.9, "vs_fp16": 1.5}) for r in rows]
     assert bench.targets(fast)["decode_met"] and bench.targets(fast)["w4a8_prefill_met"]
     assert bench.targets(fast)["decode_misses"] == []
+
+
+def test_kernel_without_g_idx_and_zeros_matches_the_reference():
+    """Format version 2 layers (no g_idx without act-order, no qzeros when symmetric)."""
+    dev = DEV
+    for spec in (make_spec(4, 32, sym=True), make_spec(4, 64), make_spec(2, 32, sym=True)):
+        W = torch.randn(40, 160)
+        t = {k: v.to(dev) for k, v in get_layout("gptq").pack(rtn_quantized(W, spec)).items()}
+        x = torch.randn(3, 160, device=dev)
+        ref = a16_ref.w4a16_reference(x, t["qweight"], t.get("qzeros"), t["scales"], None, spec.bits, spec.group_size)
+        want = x @ get_layout("gptq").dequantize(t, spec, (40, 160)).t()
+        assert torch.allclose(ref, want, atol=1e-4)
+        got = a16_ops.w4a16_linear(x, t["qweight"], t.get("qzeros"), t["scales"], None, spec.bits, group_size=spec.group_size)
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), spec.label

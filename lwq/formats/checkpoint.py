@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lwq.errors import BadInput, LwqError
-from lwq.formats.qlinear import QuantizedLinear, add_stored_g_idx, install_empty
+from lwq.formats.qlinear import QuantizedLinear, add_v1_tensors, install_empty
 from lwq.models.load import read_config, resolve_device, resolve_dtype
 from lwq.spec import LayerSpec
 
@@ -346,7 +346,7 @@ def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto")
     model = _skeleton(config, torch_dtype)
     install_empty(model, plan)
     if config["quantization_config"].get("format_version") == 1:
-        add_stored_g_idx(model)
+        add_v1_tensors(model)
     _load_tensors(model, shards)
     model.tie_weights()
     model.to(dev)

@@ -25,12 +25,15 @@ def v1_tensors(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
 def gptq_from_lwq(t: Mapping[str, torch.Tensor], bits: int, out_features: int,
                   shape: tuple[int, int] | None = None, group_size: int = -1) -> dict[str, torch.Tensor]:
     """Convert lwq's GPTQ-layout tensors (zero points stored as they are) to GPTQ v1. GPTQ readers
-    need ``g_idx``: one lwq did not store (no act-order) is written as ``i // group_size``."""
+    need ``g_idx`` and ``qzeros``: ones lwq did not store (no act-order; symmetric) are written out."""
     from lwq.backends.quant import group_index
     from lwq.formats.pack import unpack
 
-    zeros = unpack(t["qzeros"], bits, out_features, dim=1)
     g_idx = t.get("g_idx")
+    if "qzeros" in t:
+        zeros = unpack(t["qzeros"], bits, out_features, dim=1)
+    else:  # symmetric: lwq stores no zero points, GPTQ readers need them
+        zeros = torch.full((t["scales"].shape[0], out_features), 1 << (bits - 1), dtype=torch.int32)
     if g_idx is None:
         if shape is None:
             raise ValueError("gptq_from_lwq: a layer without g_idx needs its shape")

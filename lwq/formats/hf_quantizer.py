@@ -45,7 +45,7 @@ class LwqHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         from lwq.formats.checkpoint import read_plan, verify_manifest
-        from lwq.formats.qlinear import add_stored_g_idx, install_empty
+        from lwq.formats.qlinear import add_v1_tensors, install_empty
 
         files = kwargs.get("checkpoint_files") or []
         if files:
@@ -53,7 +53,7 @@ class LwqHfQuantizer(HfQuantizer):
         plan = read_plan({"quantization_config": self.quantization_config.to_dict()})
         install_empty(model, plan)
         if self.quantization_config.format_version == 1:
-            add_stored_g_idx(model)
+            add_v1_tensors(model)
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:

@@ -56,7 +56,8 @@ class GptqLayout(Layout):
     """GPTQ's layout: ``qweight`` int32 [words(in), out] (codes packed along the input dimension),
     ``qzeros`` int32 [groups, words(out)], ``scales`` fp16 [groups, out], and ``g_idx`` int32 [in]
     only under act-order: without it the group of column ``i`` is implied (``i // group_size``), so
-    lwq stores no bytes for it (format version 2; version 1 stored it always, and still loads).
+    lwq stores no bytes for it; symmetric layers store no ``qzeros`` either (every zero point is
+    ``2**(bits-1)``). Format version 2; version 1 stored both always, and still loads.
 
     lwq stores the zero points as they are (GPTQModel's ``gptq_v2``); the GPTQ v1 export subtracts one.
     """
@@ -66,11 +67,13 @@ class GptqLayout(Layout):
     def pack(self, qw: QuantizedWeight) -> Tensors:
         assert qw.q is not None and qw.scale is not None and qw.zero is not None and qw.g_idx is not None
         bits = qw.spec.bits
-        t = {
-            "qweight": pack(qw.q.t().contiguous(), bits, dim=0),
-            "qzeros": pack(qw.zero.t().contiguous(), bits, dim=1),
-            "scales": qw.scale.t().contiguous().to(torch.float16),
-        }
+        t = {"qweight": pack(qw.q.t().contiguous(), bits, dim=0)}
+        if qw.spec.sym:
+            if not bool((qw.zero == 1 << (bits - 1)).all()):
+                raise LwqError(f"gptq: a symmetric layer needs every zero point at {1 << (bits - 1)}")
+        else:
+            t["qzeros"] = pack(qw.zero.t().contiguous(), bits, dim=1)
+        t["scales"] = qw.scale.t().contiguous().to(torch.float16)
         if qw.spec.act_order:
             t["g_idx"] = qw.g_idx.to(torch.int32).contiguous()
         elif not torch.equal(qw.g_idx.long().cpu(), group_index(qw.shape[1], qw.spec.group_size).long()):
@@ -80,14 +83,17 @@ class GptqLayout(Layout):
     def dequantize(self, t: Tensors, spec: LayerSpec, shape: tuple[int, int]) -> torch.Tensor:
         out_f, in_f = shape
         q = unpack(t["qweight"], spec.bits, in_f, dim=0).t()
-        zero = unpack(t["qzeros"], spec.bits, out_f, dim=1).t()
-        qp = QParams(t["scales"].float().t(), zero)
+        scales = t["scales"].float().t()
+        zero = unpack(t["qzeros"], spec.bits, out_f, dim=1).t() if "qzeros" in t else \
+            torch.full(scales.shape, 1 << (spec.bits - 1), dtype=torch.int32, device=scales.device)
+        qp = QParams(scales, zero)
         g_idx = t.get("g_idx")
         return dequantize(q, qp, group_index(in_f, spec.group_size, q.device) if g_idx is None else g_idx)
 
     def cost(self, out_features: int, in_features: int, spec: LayerSpec) -> int:
         g = num_groups(in_features, spec.group_size)
-        return (4 * packed_len(in_features, spec.bits) * out_features + 4 * g * packed_len(out_features, spec.bits)
+        return (4 * packed_len(in_features, spec.bits) * out_features
+                + (0 if spec.sym else 4 * g * packed_len(out_features, spec.bits))
                 + 2 * g * out_features + (4 * in_features if spec.act_order else 0))
 
 

@@ -108,9 +108,10 @@ def _gptq_empty(spec: LayerSpec, shape: tuple[int, int]) -> Tensors:
     """Shapes of ``GptqLayout.pack`` computed without packing (tests check they agree)."""
     out_f, in_f = shape
     g = num_groups(in_f, spec.group_size)
-    t = {"qweight": torch.zeros(packed_len(in_f, spec.bits), out_f, dtype=torch.int32),
-         "qzeros": torch.zeros(g, packed_len(out_f, spec.bits), dtype=torch.int32),
-         "scales": torch.zeros(g, out_f, dtype=torch.float16)}
+    t = {"qweight": torch.zeros(packed_len(in_f, spec.bits), out_f, dtype=torch.int32)}
+    if not spec.sym:
+        t["qzeros"] = torch.zeros(g, packed_len(out_f, spec.bits), dtype=torch.int32)
+    t["scales"] = torch.zeros(g, out_f, dtype=torch.float16)
     if spec.act_order:
         t["g_idx"] = torch.zeros(in_f, dtype=torch.int32)
     return t
@@ -133,13 +134,20 @@ def _zero_weight(spec: LayerSpec, out_f: int, in_f: int) -> QuantizedWeight:
     )
 
 
-def add_stored_g_idx(model: nn.Module) -> None:
-    """Give every ``gptq``-format layer without act-order a ``g_idx`` buffer: format version 1
-    checkpoints stored one for every layer (``i // group_size``; the loaded values are used)."""
+def add_v1_tensors(model: nn.Module) -> None:
+    """Give every ``gptq``-format layer the tensors format version 1 checkpoints stored although
+    they are implied: ``g_idx`` without act-order, ``qzeros`` of symmetric layers (loaded values used)."""
     for module in model.modules():
-        if isinstance(module, QuantizedLinear) and _format(module.spec) == "gptq" and "g_idx" not in module.tensor_names:
-            module.register_buffer("g_idx", group_index(module.in_features, module.spec.group_size))
+        if not (isinstance(module, QuantizedLinear) and _format(module.spec) == "gptq"):
+            continue
+        spec, (out_f, in_f) = module.spec, module.shape
+        if "g_idx" not in module.tensor_names:
+            module.register_buffer("g_idx", group_index(in_f, spec.group_size))
             module.tensor_names = module.tensor_names + ("g_idx",)
+        if "qzeros" not in module.tensor_names:
+            g = num_groups(in_f, spec.group_size)
+            module.register_buffer("qzeros", torch.zeros(g, packed_len(out_f, spec.bits), dtype=torch.int32))
+            module.tensor_names = module.tensor_names + ("qzeros",)
 
 
 def replace_linear(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

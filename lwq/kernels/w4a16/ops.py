@@ -67,23 +67,26 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,
                  g_idx: torch.Tensor | None, bits: int = 4, *, group_size: int = -1,
                  split_k: int | None = None) -> torch.Tensor:
     """``x @ W^T`` (no bias) for a GPTQ-layout weight; same function as ``w4a16.reference.w4a16_reference``.
-    Without a stored ``g_idx`` (no act-order) column ``k`` is in group ``k // group_size``."""
+    Without a stored ``g_idx`` (no act-order) column ``k`` is in group ``k // group_size``; without
+    ``qzeros`` (symmetric) every zero point is ``2**(bits-1)``."""
     if 32 % bits:
         raise LwqError(f"the W4A16 kernel packs 32/bits codes per word; {bits}-bit is not supported")
     K = x.shape[-1] if g_idx is None else g_idx.shape[0]
     check_input(x, K, qweight)
     x2 = x.reshape(-1, K).contiguous()
     g = None if g_idx is None else g_idx.to(torch.int32).contiguous()
-    y = launch_wa16(x2, qweight.contiguous(), None, scales.contiguous(), qzeros.contiguous(), ZERO_PACKED,
+    y = launch_wa16(x2, qweight.contiguous(), None, scales.contiguous(),
+                    None if qzeros is None else qzeros.contiguous(), ZERO_CONST if qzeros is None else ZERO_PACKED,
                     g, -1 if g is not None else group_size, bits, split_k)
     return y.reshape(*x.shape[:-1], scales.shape[1])
 
 
 def run_gptq(x: torch.Tensor, layer: Any) -> torch.Tensor:
     """Kernel entry for a ``QuantizedLinear`` in the ``gptq`` format."""
-    return w4a16_linear(x, layer.qweight, layer.qzeros, layer.scales, layer.tensors().get("g_idx"), layer.spec.bits,
+    t = layer.tensors()
+    return w4a16_linear(x, t["qweight"], t.get("qzeros"), t["scales"], t.get("g_idx"), layer.spec.bits,
                         group_size=layer.spec.group_size)

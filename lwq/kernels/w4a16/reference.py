@@ -23,7 +23,7 @@ def weight_only_matmul(x: torch.Tensor, W_kn: torch.Tensor) -> torch.Tensor:
     return (x.float() @ W).to(x.dtype)
 
 
-def w4a16_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+def w4a16_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,
                     g_idx: torch.Tensor | None, bits: int = 4, group_size: int = -1) -> torch.Tensor:
     """``x @ W^T`` for a GPTQ-layout weight (qweight [words(K), N], qzeros [groups, words(N)]); without
     ``g_idx`` column ``k`` is in group ``k // group_size``."""
@@ -31,5 +31,5 @@ def w4a16_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     if g_idx is None:
         g_idx = torch.arange(K, device=x.device) // (K if group_size == -1 else group_size)
     q = unpack(qweight, bits, K, dim=0)
-    z = unpack(qzeros, bits, N, dim=1)
+    z = unpack(qzeros, bits, N, dim=1) if qzeros is not None else 1 << (bits - 1)
     return weight_only_matmul(x, dequant_kn(q, z, scales, g_idx))
