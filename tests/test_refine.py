@@ -72,6 +72,27 @@ def test_tuned_linear_starts_at_the_backend_result():
         assert torch.equal(got.scale, qw.scale.float()), spec.label
 
 
+def test_full_range_scales_put_the_larger_side_on_the_extreme_code():
+    from lwq.backends.quant import group_index
+    from lwq.backends.refine import full_range_scales
+
+    W = torch.tensor([[1.0, -3.0, 0.5, 2.0], [4.0, -1.0, 0.0, 0.25]])
+    s = full_range_scales(W, group_index(4, 2).long(), 2, 3)
+    # row 0: groups (1, -3) and (0.5, 2): negative side larger -> +3/4; positive larger -> -2/4
+    assert torch.allclose(s, torch.tensor([[0.75, -0.5], [-1.0, -0.0625]]))
+    codes = torch.clamp(torch.round(W / s.repeat_interleave(2, dim=1)) + 4, 0, 7)
+    assert codes[0, 1] == 0 and codes[0, 3] == 0 and codes[1, 0] == 0  # the extreme maps to code 0 exactly
+
+
+def test_contiguous_groups_spread_like_g_idx_with_ragged_groups():
+    for spec in (make_spec(3, 32), make_spec(4, 64, sym=True), make_spec(2, -1)):
+        qw = quantize_weight(torch.randn(8, 172), spec)
+        t = TunedLinear(qw, None, torch.device("cpu"))
+        assert t.contiguous
+        x = torch.randn(8, qw.scale.shape[1])
+        assert torch.equal(t.columns(x), x[:, qw.g_idx.long()])
+
+
 def test_refinement_lowers_the_block_output_error_with_mixed_widths_and_formats():
     model, block, inputs, targets = _block_setup()
     layers = _quantize_linears(block, MIXED)
@@ -140,6 +161,23 @@ def test_quantize_model_refines_every_block_against_the_full_precision_stream():
         want = ref(ids).logits
         err = lambda m: float(((m(ids).logits - want) ** 2).mean())  # noqa: E731
         assert err(model) < err(plain)
+
+
+@pytest.mark.gpu
+def test_refinement_on_the_gpu_lowers_the_block_error():
+    """One block refined on CUDA (block, streams and tuned tensors on the device), results on CPU."""
+    model, block, inputs, targets = _block_setup()
+    dev = torch.device("cuda")
+    block.to(dev)
+    hidden = [h.to(dev) for h in inputs.hidden]
+    kwargs = [{k: (v.to(dev) if isinstance(v, torch.Tensor) else
+                   tuple(x.to(dev) for x in v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+              for kw in inputs.kwargs]
+    tgt = [t.to(dev) for t in targets]
+    layers = _quantize_linears(block, MIXED)
+    tuned, report = refine_block(block, layers, hidden, kwargs, tgt, RefineConfig(steps=40), dev)
+    assert report.kept and report.final_loss < 0.9 * report.start_loss
+    assert all(qw.q.device.type == "cpu" for qw in tuned.values())
 
 
 def test_refine_config_rejects_bad_values():

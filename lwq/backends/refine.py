@@ -24,7 +24,8 @@ from lwq.spec import REFINE_MODES
 REFINABLE_FORMATS = frozenset({"gptq", "int6", "w4a8"})
 FP16_MIN_NORMAL = 2.0**-14
 RANGE = (0.5, 1.25)  # bounds of the learned range factors (1 = the backend's grid)
-CHECKS = 4  # whole-set loss evaluations over the run (besides the start)
+CHECKS = 2  # whole-set loss evaluations over the run (halfway and at the end), besides the start
+FULL_RANGE_SYM = True  # symmetric layers start from the full-range grid (see ``full_range_scales``)
 OnStep = Callable[[int, int, float], None]
 
 
@@ -64,6 +65,18 @@ def refinable(qw: QuantizedWeight) -> bool:
             and qw.spec.bits < 16 and qw.spec.format in REFINABLE_FORMATS)
 
 
+def full_range_scales(W: torch.Tensor, g: torch.Tensor, groups: int, bits: int) -> torch.Tensor:
+    """Symmetric scales that use every code (llama.cpp's and AutoRound's ``int_sym``): the group's
+    larger side maps to code 0 exactly (``scale = -max / 2**(bits-1)`` when the positive side is
+    larger, so the scale is negative), the other side gets ``2**(bits-1) - 1`` steps; fp16-exact."""
+    mid = 2 ** (bits - 1)
+    neg = torch.zeros(W.shape[0], groups, device=W.device).scatter_reduce(1, g.expand_as(W), (-W).clamp_min(0), "amax")
+    pos = torch.zeros(W.shape[0], groups, device=W.device).scatter_reduce(1, g.expand_as(W), W.clamp_min(0), "amax")
+    s = torch.where(neg >= pos, neg, -pos) / mid
+    s = torch.where(s.abs() < FP16_MIN_NORMAL, torch.full_like(s, FP16_MIN_NORMAL), s)
+    return s.to(torch.float16).float()
+
+
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
@@ -92,6 +105,8 @@ class TunedLinear(nn.Module):
         self.sym = bool(qw.spec.sym or qw.spec.act_bits == 8)
         self.register_buffer("g", qw.g_idx.long().to(device))
         s0, z0 = qw.scale.float().to(device), qw.zero.float().to(device)
+        if self.sym and source is not None and FULL_RANGE_SYM:
+            s0 = full_range_scales(source.detach().float().to(device), self.g, s0.shape[1], qw.spec.bits)
         self.register_buffer("s0", s0)
         self.register_buffer("z0", z0)
         self.register_buffer("base", (s0[:, self.g] * (qw.q.float().to(device) - z0[:, self.g])) if source is None
@@ -99,6 +114,9 @@ class TunedLinear(nn.Module):
         smooth = qw.extra.get("smooth")
         self.register_buffer("smooth", None if smooth is None else smooth.float().to(device))
         self.register_buffer("bias", None if bias is None else bias.detach().float().to(device))
+        in_f, gs = self.base.shape[1], qw.spec.group_size
+        self.size = in_f if gs == -1 else gs  # columns per group when groups are contiguous (no act-order)
+        self.contiguous = bool(torch.equal(self.g.cpu(), torch.arange(in_f) // self.size))
         self.v = nn.Parameter(torch.zeros_like(self.base))
         self.hi = nn.Parameter(torch.ones_like(s0))
         self.lo = None if self.sym else nn.Parameter(torch.ones_like(s0))
@@ -107,18 +125,27 @@ class TunedLinear(nn.Module):
         """Scales (fp16-exact, as stored) and zero points (integers) of the current parameters."""
         if self.sym:
             s, z = self.s0 * self.hi, self.z0
+            sign = torch.where(s < 0, -1.0, 1.0).detach()
+            s = sign * (sign * s).clamp_min(FP16_MIN_NORMAL)
+            return s + (s.detach().to(torch.float16).float() - s.detach()), z
         else:
             wmin, wmax = -self.z0 * self.s0 * self.lo, (self.maxq - self.z0) * self.s0 * self.hi
-            s = (wmax - wmin) / self.maxq
-            s = s.clamp_min(FP16_MIN_NORMAL)
+            s = ((wmax - wmin) / self.maxq).clamp_min(FP16_MIN_NORMAL)
             z = torch.clamp(_round_ste(-wmin / s), 0, self.maxq)
         s = s.clamp_min(FP16_MIN_NORMAL)
         s = s + (s.detach().to(torch.float16).float() - s.detach())
         return s, z
 
+    def columns(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-group tensor (out, groups) spread over the columns (out, in)."""
+        if not self.contiguous:
+            return t[:, self.g]
+        out_f, groups = t.shape
+        return t[:, :, None].expand(out_f, groups, self.size).reshape(out_f, groups * self.size)[:, :self.base.shape[1]]
+
     def weight(self) -> torch.Tensor:
         s, z = self.grid()
-        sg, zg = s[:, self.g], z[:, self.g]
+        sg, zg = self.columns(s), self.columns(z)
         codes = torch.clamp(_round_ste(self.base / sg + self.v) + zg, 0, self.maxq)
         return sg * (codes - zg)
 
@@ -141,7 +168,7 @@ class TunedLinear(nn.Module):
         """The tuned weight as the checkpoint will store it (codes, fp16 scales, integer zeros)."""
         with torch.no_grad():
             s, z = self.grid()
-            sg, zg = s[:, self.g], z[:, self.g]
+            sg, zg = self.columns(s), self.columns(z)
             q = torch.clamp(torch.round(self.base / sg + self.v) + zg, 0, self.maxq)
             qw = self.qw
             return QuantizedWeight(qw.spec, q.to(torch.int32).cpu(), s.cpu(), z.to(torch.int32).cpu(), qw.g_idx.cpu(),
@@ -208,7 +235,7 @@ def refine_block(block: nn.Module, layers: dict[str, Layer],
     old = {lin: replace_linear(block, lin, t) for lin, t in tuned.items()}
     params = [p for t in tuned.values() for p in t.parameters()]
     try:
-        best, best_params = whole_loss(), snapshot()
+        best, best_params = start, snapshot()  # a tuned result must beat the backend's to be kept
         every = max(1, math.ceil(cfg.steps / CHECKS))
         with torch.enable_grad():
             for step in range(cfg.steps):
