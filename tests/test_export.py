@@ -182,3 +182,19 @@ def test_existing_output_needs_force(tiny, tmp_path, capsys):
     assert not list(tmp_path.glob(".o.*"))
     assert run(["export", str(ckpt), "-o", str(tmp_path / "x"), "--format", "awq"]) == 2
     assert "unknown export format 'awq'" in capsys.readouterr().err
+
+
+def test_refined_symmetric_checkpoint_exports_exactly(tiny, tmp_path):
+    """Refined symmetric layers (full-range grid: negative fp16 scales, no stored zeros or g_idx) come
+    back from the GPTQ export through the independent dequantizer as the weights lwq computes with."""
+    ckpt, out = tmp_path / "q", tmp_path / "g"
+    assert run(["quantize", str(tiny / "model"), "--bits", "4", "--group-size", "32", "--sym", "--data",
+                str(tiny / "text.txt"), "--nsamples", "8", "--seqlen", "32", "--refine-steps", "20", "-o", str(ckpt),
+                "--quiet"]) == 0
+    _, ours = lwq_weights(ckpt)
+    assert any(bool((m.tensors()["scales"] < 0).any()) for m in load_model(str(ckpt), device="cpu").modules()
+               if isinstance(m, QuantizedLinear))
+    assert run(["export", str(ckpt), "--format", "gptq", "-o", str(out)]) == 0
+    _, state, _ = read_gptq(out)
+    for name, w in ours.items():
+        assert torch.equal(state[f"{name}.weight"].float(), w), name
