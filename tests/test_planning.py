@@ -192,8 +192,14 @@ def test_quantize_budget_then_plan_reproduces_and_hand_edits_apply(tiny, tmp_pat
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps(plan))
     third = tmp_path / "q3"
-    assert quantize_cli(tiny, third, "--plan", str(edited)) == 0, capsys.readouterr().err
-    capsys.readouterr()
+    code = quantize_cli(tiny, third, "--plan", str(edited))
+    captured = capsys.readouterr()
+    edited_doc = json.loads(captured.out)
+    # a plan over its own stated budget is written as asked, and the run fails (exit 1, one line)
+    assert code == (1 if edited_doc["budget_exceeded"] else 0), captured.err
+    if new_bits == 8:
+        assert edited_doc["budget_exceeded"] and edited_doc["bits_per_weight"] > 3.25
+        assert "exceeds the budget 3.25bit" in captured.err.strip().splitlines()[-1]
     specs = specs_of(third)
     assert specs[name]["bits"] == new_bits
     assert {n: s for n, s in specs.items() if n != name} == {n: s for n, s in specs_of(out).items() if n != name}

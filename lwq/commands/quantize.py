@@ -110,7 +110,7 @@ def quantize_command(
                                        force, text_field, calib, step, step, plan=plan_file, resume=resume,
                                        devices=workers, smooth_alpha=alpha, refine=cfg, grid=recipe.grid,
                                        on_refine=refine_bar(prog) if cfg else None)
-        _finish(res.summary, recipe.budget, json_out)
+        _finish(res.summary, recipe.budget or res.summary.get("budget"), json_out)
         return
     if config is not None:
         raise BadInput("--config recipes plan under a budget; drop --bits (or --config)")
@@ -182,7 +182,8 @@ def budget_recipe(config: str | None, budget: str | None, solver: str | None, sc
 
 
 def _finish(summary: dict[str, Any], budget: str | None, json_out: bool) -> None:
-    """Print the summary; a budgeted result above its budget is a failure (never expected)."""
+    """Print the summary; a result above its budget (the run's, or the one a --plan file states:
+    a hand-edited plan can exceed it) is a failure, exit 1, after the checkpoint is written."""
     if json_out:
         emit_json(summary)
     else:
