@@ -221,3 +221,14 @@ def test_bad_plans_and_modes_are_one_line_errors(tiny, tmp_path, capsys):
         assert not (tmp_path / "never").exists()
     assert quantize_cli(tiny, tmp_path / "never", "--bits", "4", "--budget", "3.25bit") == 2
     assert "--bits" in one_error_line(capsys) and not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("command", ["plan", "quantize"])
+def test_empty_candidate_bits_is_refused_not_the_default(tiny, tmp_path, capsys, command):
+    """An empty --candidate-bits '' is a mistake, not a request for the default widths (issue 16)."""
+    out = tmp_path / ("plan.json" if command == "plan" else "q")
+    code = run([command, str(tiny / "model"), "-o", str(out), "--data", str(tiny / "calib.txt"), "--budget", "3.5bit",
+                "--candidate-bits", "", *SMALL])
+    assert code == 2
+    assert "bits must be integers" in one_error_line(capsys)
+    assert not out.exists()

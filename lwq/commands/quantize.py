@@ -172,7 +172,7 @@ def budget_recipe(config: str | None, budget: str | None, solver: str | None, sc
 
     base = load_recipe(config) if config else Recipe()
     overrides = {"budget": budget, "solver": solver, "scorer": scorer,
-                 "bits": parse_bits(candidate_bits) if candidate_bits else None, "backend": backend,
+                 "bits": parse_bits(candidate_bits) if candidate_bits is not None else None, "backend": backend,
                  "group_size": group_size, "sym": sym or None, "act_bits": act_bits, "nsamples": nsamples,
                  "seqlen": seqlen, "data": data, "tie": tie, "measure_with": measure_with, "refine": refine,
                  "refine_steps": refine_steps, "grid": grid}
