@@ -157,7 +157,7 @@ def quantize_model(
             sources: dict[str, torch.Tensor] | None = {} if targets is not None else None
             layers = _quantize_block(block, f"{arch.blocks}.{i}", arch.groups, plan, inputs if with_data else None,
                                      device, pre_quantize, sources)
-            if targets is not None and inputs is not None and refine is not None and sources is not None:
+            if sources is not None and refine is not None and inputs is not None:  # sources: set when refining
                 layers, report = _refine(block, f"{arch.blocks}.{i}", layers, sources, inputs, targets, refine,
                                          device, seed + i, on_refine)
                 if reports is not None:

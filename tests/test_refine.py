@@ -72,6 +72,19 @@ def test_tuned_linear_starts_at_the_backend_result():
         assert torch.equal(got.scale, qw.scale.float()), spec.label
 
 
+def test_tuned_int8_activation_layers_compute_what_the_checkpoint_computes():
+    """At its start a tuned W4A8/W6A8 layer (smoothing factors included) is the stored layer's function."""
+    torch.manual_seed(0)
+    W, x = torch.randn(24, 96), torch.randn(2, 5, 96) * 3
+    for spec in (make_spec(4, 32, act_bits=8), make_spec(6, -1, act_bits=8)):
+        qw = quantize_weight(W, spec)
+        qw.extra["smooth"] = torch.rand(96) + 0.5
+        tuned = TunedLinear(qw, None, torch.device("cpu"))
+        stored = QuantizedLinear.from_quantized(qw)
+        with torch.no_grad():
+            assert torch.allclose(tuned(x), stored(x), atol=1e-5, rtol=1e-5), spec.label
+
+
 def test_full_range_scales_put_the_larger_side_on_the_extreme_code():
     from lwq.backends.quant import group_index
     from lwq.backends.refine import full_range_scales

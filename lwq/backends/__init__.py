@@ -11,6 +11,7 @@ from lwq.spec import GRIDS, LayerSpec
 
 NEEDS_HESSIAN = frozenset({"gptq", "gptq-mse"})
 _MSE_TWIN = {"rtn": "rtn-mse", "gptq": "gptq-mse"}
+_PLAIN = {v: k for k, v in _MSE_TWIN.items()}
 
 
 def with_grid(backend: str, grid: str) -> str:
@@ -20,7 +21,7 @@ def with_grid(backend: str, grid: str) -> str:
 
     if grid not in GRIDS:
         raise BadInput(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
-    plain = {v: k for k, v in _MSE_TWIN.items()}.get(backend, backend)
+    plain = _PLAIN.get(backend, backend)
     return _MSE_TWIN.get(plain, plain) if grid == "mse" else plain
 
 

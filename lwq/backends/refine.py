@@ -19,13 +19,12 @@ import torch
 from torch import nn
 
 from lwq.backends.base import QuantizedWeight
+from lwq.backends.rtn import FP16_MIN_NORMAL
 from lwq.errors import BadInput
 from lwq.spec import REFINE_MODES
 REFINABLE_FORMATS = frozenset({"gptq", "int6", "w4a8"})
-FP16_MIN_NORMAL = 2.0**-14
 RANGE = (0.5, 1.25)  # bounds of the learned range factors (1 = the backend's grid)
 CHECKS = 2  # whole-set loss evaluations over the run (halfway and at the end), besides the start
-FULL_RANGE_SYM = True  # symmetric layers start from the full-range grid (see ``full_range_scales``)
 OnStep = Callable[[int, int, float], None]
 
 
@@ -81,10 +80,15 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _fake_int8_rows(x: torch.Tensor) -> torch.Tensor:
-    """Per-token symmetric int8 fake quantization (what int8-activation kernels do), identity gradient."""
-    s = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
-    return x + (torch.clamp(torch.round(x / s), -127, 127) * s - x).detach()
+def _int8_activations(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    """The smoothed activations as the int8-activation kernels see them (``quantize_activations``:
+    the same per-token rounding), with an identity gradient through the rounding."""
+    from lwq.kernels.w4a8.reference import inverse_smooth, quantize_activations
+
+    inv = inverse_smooth(smooth)
+    v = x.float() if inv is None else x.float() * inv
+    q, scale = quantize_activations(x.detach().reshape(-1, x.shape[-1]), smooth)
+    return v + (q.float().reshape(v.shape) * scale.reshape(*v.shape[:-1], 1) - v).detach()
 
 
 class TunedLinear(nn.Module):
@@ -105,14 +109,15 @@ class TunedLinear(nn.Module):
         self.sym = bool(qw.spec.sym or qw.spec.act_bits == 8)
         self.register_buffer("g", qw.g_idx.long().to(device))
         s0, z0 = qw.scale.float().to(device), qw.zero.float().to(device)
-        if self.sym and source is not None and FULL_RANGE_SYM:
+        if self.sym and source is not None:  # symmetric layers start from the full-range grid
             s0 = full_range_scales(source.detach().float().to(device), self.g, s0.shape[1], qw.spec.bits)
         self.register_buffer("s0", s0)
         self.register_buffer("z0", z0)
         self.register_buffer("base", (s0[:, self.g] * (qw.q.float().to(device) - z0[:, self.g])) if source is None
                              else source.detach().float().to(device))
         smooth = qw.extra.get("smooth")
-        self.register_buffer("smooth", None if smooth is None else smooth.float().to(device))
+        # as stored (fp16, ``smooth_tensor``), so the emulated activations are the checkpoint's
+        self.register_buffer("smooth", None if smooth is None else smooth.to(torch.float16).float().to(device))
         self.register_buffer("bias", None if bias is None else bias.detach().float().to(device))
         in_f, gs = self.base.shape[1], qw.spec.group_size
         self.size = in_f if gs == -1 else gs  # columns per group when groups are contiguous (no act-order)
@@ -122,19 +127,17 @@ class TunedLinear(nn.Module):
         self.lo = None if self.sym else nn.Parameter(torch.ones_like(s0))
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scales (fp16-exact, as stored) and zero points (integers) of the current parameters."""
+        """Scales (fp16-exact, as stored, at least its smallest normal in size; a full-range symmetric
+        scale keeps its sign) and zero points (integers) of the current parameters."""
         if self.sym:
             s, z = self.s0 * self.hi, self.z0
-            sign = torch.where(s < 0, -1.0, 1.0).detach()
-            s = sign * (sign * s).clamp_min(FP16_MIN_NORMAL)
-            return s + (s.detach().to(torch.float16).float() - s.detach()), z
         else:
             wmin, wmax = -self.z0 * self.s0 * self.lo, (self.maxq - self.z0) * self.s0 * self.hi
             s = ((wmax - wmin) / self.maxq).clamp_min(FP16_MIN_NORMAL)
             z = torch.clamp(_round_ste(-wmin / s), 0, self.maxq)
-        s = s.clamp_min(FP16_MIN_NORMAL)
-        s = s + (s.detach().to(torch.float16).float() - s.detach())
-        return s, z
+        sign = torch.where(s < 0, -1.0, 1.0).detach()
+        s = sign * (sign * s).clamp_min(FP16_MIN_NORMAL)
+        return s + (s.detach().to(torch.float16).float() - s.detach()), z
 
     def columns(self, t: torch.Tensor) -> torch.Tensor:
         """A per-group tensor (out, groups) spread over the columns (out, in)."""
@@ -151,10 +154,10 @@ class TunedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight()
-        if self.smooth is not None:
-            x = x / self.smooth.to(x.dtype)
         if self.qw.spec.act_bits == 8:
-            x = _fake_int8_rows(x)
+            x = _int8_activations(x, self.smooth).to(x.dtype)
+        elif self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
         return nn.functional.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def clamp_(self) -> None:

@@ -93,8 +93,8 @@ def quantize_command(
     if workers and budget is None and config is None:
         raise BadInput("--devices spreads planning measurements over devices: it needs --budget or a --config recipe")
     if grid is not None:
-        with_grid("rtn", grid.strip().lower())  # check the name before anything runs
         grid = grid.strip().lower()
+        with_grid("rtn", grid)  # check the name before anything runs
     if refine is not None:
         refine = parse_refine(refine)
     if bits is None:

@@ -52,6 +52,29 @@ def num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else -(-in_features // group_size)
 
 
+def check_sym(qw: QuantizedWeight, fmt: str) -> None:
+    """Formats that store no zero points (symmetric gptq, the int8-activation formats' signed codes):
+    every zero point must be ``2**(bits-1)``."""
+    mid = 1 << (qw.spec.bits - 1)
+    if qw.zero is None or not bool((qw.zero == mid).all()):
+        raise LwqError(f"{fmt} needs symmetric weights (zero point {mid}); quantize with sym=True")
+
+
+def column_order(qw: QuantizedWeight, fmt: str) -> torch.Tensor | None:
+    """``perm`` making groups contiguous under act-order (None without act-order), after checking ``g_idx``."""
+    spec, (_, K) = qw.spec, qw.shape
+    want = group_index(K, spec.group_size).long()
+    g = qw.g_idx.long().cpu()
+    if not spec.act_order:
+        if not torch.equal(g, want):
+            raise LwqError(f"{fmt}: g_idx is permuted but the spec has act_order=False")
+        return None
+    perm = torch.argsort(g, stable=True)
+    if not torch.equal(g[perm], want):
+        raise LwqError(f"{fmt}: act-order g_idx does not form groups of {spec.group_size} columns")
+    return perm.to(torch.int32)
+
+
 class GptqLayout(Layout):
     """GPTQ's layout: ``qweight`` int32 [words(in), out] (codes packed along the input dimension),
     ``qzeros`` int32 [groups, words(out)], ``scales`` fp16 [groups, out], and ``g_idx`` int32 [in]
@@ -69,15 +92,14 @@ class GptqLayout(Layout):
         bits = qw.spec.bits
         t = {"qweight": pack(qw.q.t().contiguous(), bits, dim=0)}
         if qw.spec.sym:
-            if not bool((qw.zero == 1 << (bits - 1)).all()):
-                raise LwqError(f"gptq: a symmetric layer needs every zero point at {1 << (bits - 1)}")
+            check_sym(qw, self.name)
         else:
             t["qzeros"] = pack(qw.zero.t().contiguous(), bits, dim=1)
         t["scales"] = qw.scale.t().contiguous().to(torch.float16)
         if qw.spec.act_order:
             t["g_idx"] = qw.g_idx.to(torch.int32).contiguous()
-        elif not torch.equal(qw.g_idx.long().cpu(), group_index(qw.shape[1], qw.spec.group_size).long()):
-            raise LwqError("gptq: g_idx is permuted but the spec has act_order=False")
+        else:
+            column_order(qw, self.name)  # checks that g_idx is the implied i // group_size
         return t
 
     def dequantize(self, t: Tensors, spec: LayerSpec, shape: tuple[int, int]) -> torch.Tensor:

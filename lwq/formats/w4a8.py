@@ -30,7 +30,7 @@ import torch
 from lwq.backends.base import QuantizedWeight
 from lwq.backends.quant import group_index
 from lwq.errors import BadInput, LwqError
-from lwq.formats.layout import LAYOUTS, Layout, Tensors, num_groups
+from lwq.formats.layout import LAYOUTS, Layout, Tensors, check_sym, column_order, num_groups  # noqa: F401 (re-exported)
 from lwq.formats.pack import pack, packed_len, unpack
 from lwq.kernels.w4a8.reference import w4a8_reference
 from lwq.spec import LayerSpec
@@ -75,28 +75,6 @@ def smoothing(alpha: float | None) -> Callable[..., tuple[torch.Tensor, dict[str
         return smooth_weight(name, W, act_absmax, spec, alpha)
 
     return hook
-
-
-def check_sym(qw: QuantizedWeight, fmt: str) -> None:
-    """Int8-activation formats store signed codes: every zero point must be ``2**(bits-1)``."""
-    mid = 1 << (qw.spec.bits - 1)
-    if qw.zero is None or not bool((qw.zero == mid).all()):
-        raise LwqError(f"{fmt} needs symmetric weights (zero point {mid}); quantize with sym=True")
-
-
-def column_order(qw: QuantizedWeight, fmt: str) -> torch.Tensor | None:
-    """``perm`` making groups contiguous under act-order (None without act-order), after checking ``g_idx``."""
-    spec, (_, K) = qw.spec, qw.shape
-    want = group_index(K, spec.group_size).long()
-    g = qw.g_idx.long().cpu()
-    if not spec.act_order:
-        if not torch.equal(g, want):
-            raise LwqError(f"{fmt}: g_idx is permuted but the spec has act_order=False")
-        return None
-    perm = torch.argsort(g, stable=True)
-    if not torch.equal(g[perm], want):
-        raise LwqError(f"{fmt}: act-order g_idx does not form groups of {spec.group_size} columns")
-    return perm.to(torch.int32)
 
 
 def smooth_tensor(qw: QuantizedWeight) -> torch.Tensor:
