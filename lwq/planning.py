@@ -22,6 +22,7 @@ from torch import nn
 from lwq.allocate import allocate
 from lwq.allocate.candidates import hessian_errors, make_candidates, with_importance
 from lwq.allocate.groups import block_units, tie_groups
+from lwq.formats.targets import TARGETS
 from lwq.allocate.plan import Plan, plan_from_allocation
 from lwq.allocate.recipes import Recipe
 from lwq.backends.quant import rtn_fake_quant
@@ -97,6 +98,17 @@ def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list
     return db_errors(layers, out), out
 
 
+def target_filter(target: str | None) -> Any:
+    """``make_candidates``' ``serve`` for a serving target (None: every candidate is offered)."""
+    if target is None:
+        return None
+    from functools import partial
+
+    from lwq.formats.targets import served_spec
+
+    return partial(served_spec, TARGETS.get(target).widest())
+
+
 def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, stats: Any = None,
                 on_step: Progress | None = None, db: Any = None, measure: Any = None,
                 placement: Placement | None = None) -> tuple[list[Any], Any]:
@@ -106,7 +118,8 @@ def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, 
     from lwq.score import SCORERS, ScoreConfig, ScoreInputs
 
     shapes = model_shapes(model)
-    layers = make_candidates(shapes, recipe.bits, recipe.backend, recipe.group_size, recipe.sym, recipe.act_bits)
+    layers = make_candidates(shapes, recipe.bits, recipe.backend, recipe.group_size, recipe.sym, recipe.act_bits,
+                             serve=target_filter(recipe.target))
     scorer = SCORERS.get(recipe.scorer)
     if recipe.scorer == "sensitivity":
         return measured_errors(model, samples, layers, db, on_step, measure, placement, recipe.measure_with)
@@ -173,8 +186,12 @@ def solver_options(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
         opts.setdefault("units", block_units(names, arch.blocks))
     if recipe.solver == "random":
         opts.setdefault("seed", seed)
-    if recipe.tie != "none":
-        opts["tie_groups"] = tie_groups(names, arch.blocks, arch.groups, recipe.tie)
+    tie = recipe.tie
+    if tie == "none" and recipe.target is not None and TARGETS.get(recipe.target).fused_must_match \
+            and recipe.solver != "order":  # order's units are whole blocks: already tied
+        tie = "fused"
+    if tie != "none":
+        opts["tie_groups"] = tie_groups(names, arch.blocks, arch.groups, tie)
     if recipe.solver == "search":
         if samples is None:
             raise BadInput("the search solver measures real loss: pass --data PATH")

@@ -9,7 +9,8 @@ GPTQ v1, as AutoGPTQ / GPTQModel / vLLM read it:
 - ``<m>.qweight`` int32 [ceil(in*bits/32), out]: for every output column the input codes run as one
   little-endian bit stream through the 32-bit words (code ``i`` at stream bits ``i*bits .. +bits``).
 - ``<m>.qzeros`` int32 [groups, ceil(out*bits/32)]: per group, the zero points of the output columns
-  in the same bit stream, stored minus one: ``zero = (stored + 1) mod 2**bits``.
+  in the same bit stream, stored minus one: ``zero = (stored + 1) mod 2**bits`` (``checkpoint_format``
+  ``gptq``); GPTQModel's ``gptq_v2`` stores them as they are.
 - ``<m>.scales`` fp16 [groups, out]; ``<m>.g_idx`` int32 [in]: the group of each input column.
 - ``W[o, i] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])``.
 """
@@ -46,12 +47,12 @@ def module_rule(dynamic: dict, name: str) -> dict | None:
     return {}
 
 
-def dequantize_module(t: dict[str, np.ndarray], bits: int) -> np.ndarray:
-    """The float32 weight (out, in) of one GPTQ v1 module."""
+def dequantize_module(t: dict[str, np.ndarray], bits: int, v2: bool = False) -> np.ndarray:
+    """The float32 weight (out, in) of one GPTQ module (v1, or ``v2``: zeros stored as they are)."""
     qweight, qzeros, scales, g_idx = t["qweight"], t["qzeros"], t["scales"].astype(np.float32), t["g_idx"]
     n_in, n_out = g_idx.shape[0], scales.shape[1]
     q = stream_values(qweight.T, bits, n_in)  # [out, in]
-    zeros = (stream_values(qzeros, bits, n_out) + 1) % (1 << bits)  # [groups, out]
+    zeros = (stream_values(qzeros, bits, n_out) + (0 if v2 else 1)) % (1 << bits)  # [groups, out]
     g = g_idx.astype(np.int64)
     return scales[g].T * (q - zeros[g].T).astype(np.float32)
 
@@ -61,7 +62,8 @@ def read_gptq(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[s
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     qc = config.pop("quantization_config")
-    assert qc["quant_method"] == "gptq" and qc.get("checkpoint_format", "gptq") == "gptq"
+    fmt = qc.get("checkpoint_format", "gptq")
+    assert qc["quant_method"] == "gptq" and fmt in ("gptq", "gptq_v2") and qc.get("format", fmt) == fmt
     side = json.loads((folder / "quantize_config.json").read_text())
     assert all(side[k] == qc[k] for k in ("bits", "group_size", "sym", "desc_act", "dynamic"))
     index = folder / "model.safetensors.index.json"
@@ -80,7 +82,7 @@ def read_gptq(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[s
         n_in = t["g_idx"].shape[0]
         assert t["qweight"].shape[0] == -(-n_in * bits // 32), f"{m}: qweight rows do not fit {bits} bits"
         assert t["scales"].shape[0] == (1 if group == -1 else -(-n_in // group)), f"{m}: groups do not fit g{group}"
-        state[f"{m}.weight"] = torch.from_numpy(dequantize_module(t, bits))
+        state[f"{m}.weight"] = torch.from_numpy(dequantize_module(t, bits, fmt == "gptq_v2"))
         bits_of[m] = bits
     for k, v in raw.items():
         if k.endswith(".weight") and k[: -len(".weight")] not in modules:

@@ -176,6 +176,28 @@ def _constraint_cases(rng):
         yield layers, int(rng.integers(lo, hi + 1))
 
 
+def test_dp_with_tie_groups_equals_brute_force():
+    """dp on merged tie units is exact: the tied layers share a spec and no tied plan is better."""
+    rng = np.random.default_rng(11)
+    for layers, cap in _constraint_cases(rng):
+        bits = lambda i, k: layers[i].candidates[k].spec.bits  # noqa: E731
+
+        def ok(idx):
+            return bits(0, idx[0]) == bits(1, idx[1]) == bits(2, idx[2]) and bits(3, idx[3]) == bits(4, idx[4])
+
+        want = brute(layers, cap, ok)
+        if want is None:
+            with pytest.raises(BadInput):
+                run_solver("dp", layers, cap, tie_groups=[["l0", "l1", "l2"], ["l3", "l4"]], unit=1)
+            continue
+        a = run_solver("dp", layers, cap, tie_groups=[["l0", "l1", "l2"], ["l3", "l4"]], unit=1)
+        assert ok(a.index) and a.total_bytes <= cap and a.info["tie_groups"] == 2
+        assert a.total_error == pytest.approx(want[0], rel=1e-7, abs=1e-9)
+        assert set(a.specs) == {lc.name for lc in layers}
+    with pytest.raises(BadInput, match="unknown layer 'nope'"):
+        run_solver("dp", KNOWN, 60, tie_groups=[["l0", "nope"]])
+
+
 def test_ilp_equals_brute_force_with_constraints():
     rng = np.random.default_rng(3)
     for layers, cap in _constraint_cases(rng):
@@ -269,7 +291,7 @@ def test_search_is_seeded_and_registered():
 def test_registry_and_option_errors():
     assert set(SOLVERS.names()) >= {"order", "dp", "ilp", "search", "random"}
     with pytest.raises(BadInput, match="solvers taking it: ilp"):
-        run_solver("dp", KNOWN, 60, tie_groups=[["l0", "l1"]])
+        run_solver("dp", KNOWN, 60, floor_bits={"l0": 3})
     with pytest.raises(BadInput, match="unknown solver"):
         allocate(KNOWN, "3bit", solver="nope")
     with pytest.raises(BadInput, match="error estimate"):

@@ -25,10 +25,12 @@ from lwq.allocate.budget import parse_budget
 from lwq.allocate.groups import TIE_MODES
 from lwq.errors import BadInput
 from lwq.fileio import read_text
+from lwq.formats.targets import TARGETS
 from lwq.spec import GRIDS, REFINE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 RECIPE_VERSION = 1
-RUNTIME_ONLY = ("evaluate", "start")  # solver options only code can pass
+RUNTIME_ONLY = ("evaluate", "start", "tie_groups")  # solver options only code can pass
+TIE_SOLVERS = ("dp", "ilp")
 MEASURE_WITH = ("backend", "rtn")
 
 
@@ -41,7 +43,9 @@ class Recipe:
     backend and storage format, GPTQ on the layer's full-precision-input Hessian) or ``rtn``
     (round-to-nearest for all: faster, a rougher proxy for GPTQ); ``refine``: ``block`` tunes each
     quantized block against the full-precision outputs (``refine_steps`` steps) or ``none``;
-    ``grid``: ``minmax`` or ``mse`` (clipping search) for the rtn and gptq backends."""
+    ``grid``: ``minmax`` or ``mse`` (clipping search) for the rtn and gptq backends; ``target``: a
+    serving engine (``lwq.formats.targets``): only candidates it serves are offered (symmetric where
+    it takes no zero points, whole groups, its widths) and, when it fuses shards, they are tied."""
 
     budget: str | None = None
     scorer: str = "sensitivity"
@@ -59,6 +63,7 @@ class Recipe:
     refine: str = "block"
     refine_steps: int = 200
     grid: str = "minmax"
+    target: str | None = None
     description: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
     version: int = RECIPE_VERSION
@@ -105,8 +110,11 @@ def _check(r: Recipe) -> None:
     want("refine_steps", isinstance(r.refine_steps, int) and not isinstance(r.refine_steps, bool)
          and r.refine_steps >= 0, "a whole number >= 0")
     want("grid", r.grid in GRIDS, f"one of {', '.join(GRIDS)}")
-    if r.tie != "none" and r.solver != "ilp":
-        raise BadInput(f"recipe: tie {r.tie} needs solver ilp, not {r.solver}")
+    if r.tie != "none" and r.solver not in TIE_SOLVERS:
+        raise BadInput(f"recipe: tie {r.tie} needs solver {' or '.join(TIE_SOLVERS)}, not {r.solver}")
+    want("target", r.target is None or r.target in TARGETS, f"one of {', '.join(sorted(TARGETS.names()))}")
+    if r.target is not None and TARGETS.get(r.target).fused_must_match and r.solver not in TIE_SOLVERS + ("order",):
+        raise BadInput(f"recipe: target {r.target} ties fused shards: use solver dp, ilp or order, not {r.solver}")
     want("description", isinstance(r.description, str), "a string")
     want("options", isinstance(r.options, Mapping), "a mapping of solver options")
     accepted = [o for o in solver_options(r.solver) if o not in RUNTIME_ONLY]

@@ -75,6 +75,7 @@ SOLVER_OPT = typer.Option(None, "--solver", help="order (the paper), random, dp 
 SCORER_OPT = typer.Option(None, "--scorer", help="Error estimate: sensitivity (measured, default), hessian, lim, zd.")
 CANDIDATE_BITS_OPT = typer.Option(None, "--candidate-bits", help="Bit widths the solver may choose from (default 2,3,4,6,8).")
 MEASURE_WITH_OPT = typer.Option(None, "--measure-with", help="Measured estimate: quantize each trial as the checkpoint will hold it (backend: the candidate's backend and format, GPTQ included; the default) or with round-to-nearest (rtn: faster, rougher).")
-TIE_OPT = typer.Option(None, "--tie", help="ilp: none, fused (q/k/v and gate/up share bits, as vLLM needs) or block.")
+TIE_OPT = typer.Option(None, "--tie", help="dp or ilp: none, fused (q/k/v and gate/up share one spec, as vLLM needs) or block.")
+TARGET_OPT = typer.Option(None, "--target", help="Plan for a serving engine: vllm, transformers or gptqmodel (`lwq doctor` lists what each serves). Only candidates it serves are offered (vllm, transformers: symmetric; whole groups; its widths; vllm also ties fused q/k/v and gate/up), so `lwq export --target NAME` needs no --fix.")
 CALIB_OPT = typer.Option(None, "--calib", help="Reuse an `lwq calibrate` folder's statistics for planning.")
 DATA_OPT = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4); without it, text sampled from the model itself.")

@@ -15,8 +15,10 @@ from lwq.ui import out_console
 
 # display name -> import name
 PACKAGES = {"torch": "torch", "transformers": "transformers", "safetensors": "safetensors", "datasets": "datasets",
-            "triton": "triton", "bitsandbytes": "bitsandbytes", "lm-eval": "lm_eval", "highspy": "highspy"}
-EXTRAS = {"triton": "lwq[triton]", "bitsandbytes": "lwq[bnb]", "lm-eval": "lwq[lm-eval]", "highspy": "lwq[ilp]"}
+            "triton": "triton", "bitsandbytes": "bitsandbytes", "lm-eval": "lm_eval", "highspy": "highspy",
+            "compressed-tensors": "compressed_tensors"}
+EXTRAS = {"triton": "lwq[triton]", "bitsandbytes": "lwq[bnb]", "lm-eval": "lwq[lm-eval]", "highspy": "lwq[ilp]",
+          "compressed-tensors": "lwq[serve]"}
 # solvers that need an optional package: name -> import name
 SOLVER_NEEDS = {"ilp": "highspy"}
 
@@ -95,6 +97,17 @@ def transformers_status() -> dict[str, Any]:
     return {"from_pretrained": True, "reason": None}
 
 
+def target_rows() -> list[dict[str, Any]]:
+    """Each serving target and, per export format it reads, what it accepts (``lwq.formats.targets``)."""
+    from lwq.formats.targets import TARGETS
+
+    return [{"name": name, "about": t.about, "fused_must_match": t.fused_must_match, "half_dtype": t.half_dtype,
+             "formats": [{"format": r.format, "bits": list(r.bits), "zero_points": r.asym,
+                          "group_sizes": None if r.group_sizes is None else list(r.group_sizes),
+                          "whole_groups": r.whole_groups, "one_scheme": r.uniform, "act_order": r.act_order}
+                         for r in t.rules]} for name, t in TARGETS.items()]
+
+
 def doctor_report() -> dict[str, Any]:
     """The JSON document of ``lwq doctor --json``."""
     from lwq import __version__
@@ -106,7 +119,7 @@ def doctor_report() -> dict[str, Any]:
             packages[name]["error"] += f" (pip install '{extra}')"
     return {"lwq": __version__, "python": platform.python_version(), "platform": platform.platform(),
             "packages": packages, "cuda": cuda_status(), "backends": backends, "kernels": kernel_rows(),
-            "solvers": solver_status(), "transformers_integration": transformers_status()}
+            "solvers": solver_status(), "transformers_integration": transformers_status(), "targets": target_rows()}
 
 
 def doctor_command(json_out: bool = JSON_OPT) -> None:
@@ -137,6 +150,17 @@ def doctor_command(json_out: bool = JSON_OPT) -> None:
         for r in report[title]:
             t.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", escape(r["reason"] or ""))
         console.print(t)
+    t = Table(title="serving targets (lwq plan/quantize/export --target)")
+    for col in ("target", "format", "bits", "zero points", "groups", "notes"):
+        t.add_column(col)
+    for row in report["targets"]:
+        for r in row["formats"]:
+            notes = ", ".join(n for n, on in (("whole groups", r["whole_groups"]), ("one scheme", r["one_scheme"]),
+                                              ("act-order", r["act_order"]), ("fused shards tied", row["fused_must_match"]))
+                              if on)
+            t.add_row(row["name"], r["format"], "/".join(map(str, r["bits"])), "yes" if r["zero_points"] else "no",
+                      "any" if r["group_sizes"] is None else "/".join(map(str, r["group_sizes"])), notes)
+    console.print(t)
     hf = report["transformers_integration"]
     console.print("transformers from_pretrained of lwq checkpoints: " +
                   ("yes" if hf["from_pretrained"] else f"no ({hf['reason']})"), highlight=False)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from lwq.allocate.plan import Plan, plan_to_dict, save_plan
 from lwq.commands.common import (
-    BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, MEASURE_WITH_OPT, TIE_OPT, CALIB_OPT, DATA_OPT,
+    BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, MEASURE_WITH_OPT, TIE_OPT, TARGET_OPT, CALIB_OPT, DATA_OPT,
     DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, MAX_MEMORY_OPT, parse_size, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
 )
 from lwq.commands.quantize import budget_recipe
@@ -33,6 +33,7 @@ def plan_command(
     sym: bool = typer.Option(False, "--sym", help="Symmetric candidates."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (W4A8/W6A8 candidates)."),
     tie: Optional[str] = TIE_OPT,
+    target: Optional[str] = TARGET_OPT,
     measure_with: Optional[str] = MEASURE_WITH_OPT,
     data: Optional[str] = DATA_OPT,
     nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
@@ -53,7 +54,7 @@ def plan_command(
         if val is not None and val < 1:
             raise BadInput(f"{name} must be positive, got {val}")
     recipe = budget_recipe(config, budget, solver, scorer, candidate_bits, backend, group_size, sym, act_bits,
-                           nsamples, seqlen, data, tie, measure_with)
+                           nsamples, seqlen, data, tie, measure_with, target=target)
     workers = parse_devices(devices)
     if recipe.budget is None:
         raise BadInput("no budget: pass --budget (e.g. 3.25bit, 4GB, 0.25x) or a --config recipe with one")

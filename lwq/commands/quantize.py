@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from lwq.commands.common import (
-    BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, MEASURE_WITH_OPT, TIE_OPT, CALIB_OPT, DATA_OPT,
+    BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, MEASURE_WITH_OPT, TIE_OPT, TARGET_OPT, CALIB_OPT, DATA_OPT,
     DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, MAX_MEMORY_OPT, JSON_OPT, parse_size, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
 )
 from lwq.allocate.recipes import Recipe, load_recipe, merge, parse_bits
@@ -56,6 +56,7 @@ def quantize_command(
     scorer: Optional[str] = SCORER_OPT,
     candidate_bits: Optional[str] = CANDIDATE_BITS_OPT,
     tie: Optional[str] = TIE_OPT,
+    target: Optional[str] = TARGET_OPT,
     measure_with: Optional[str] = MEASURE_WITH_OPT,
     calib: Optional[str] = CALIB_OPT,
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns per scale: 32, 64, 128 (default), 256 or -1 (per channel)."),
@@ -99,7 +100,8 @@ def quantize_command(
         refine = parse_refine(refine)
     if bits is None:
         recipe = budget_recipe(config, budget, solver, scorer, candidate_bits, backend, group_size, sym, act_bits,
-                               nsamples, seqlen, data, tie, measure_with, refine, refine_steps, grid)
+                               nsamples, seqlen, data, tie, measure_with, refine, refine_steps, grid,
+                               target)
         cfg = refine_config(recipe.refine, recipe.refine_steps, refine_lr, refine_batch)
         if recipe.budget is None and plan_file is None:
             raise BadInput("nothing to do: pass --bits B, --budget (e.g. 3.25bit), --plan plan.json or a --config recipe")
@@ -123,15 +125,41 @@ def quantize_command(
     if cfg is not None and spec.format not in REFINABLE_FORMATS:
         raise BadInput(f"--refine block tunes integer grids (gptq, int6, w4a8 formats), not {spec.format}; "
                        "pass --refine none")
+    plan_fn = uniform_plan(spec, target)
     with progress(quiet or json_out) as prog:
         task = prog.add_task(f"quantize {spec.label}", total=None)
         res = quantize_to_checkpoint(
-            model, output, lambda m: {n: spec for n in linear_names(m)}, data, nsamples, seqlen, seed,
+            model, output, plan_fn, data, nsamples, seqlen, seed,
             load, force, text_field, on_block=lambda i, n: prog.update(task, completed=i, total=n),
             resume=resume, lazy=True, smooth_alpha=alpha, refine=cfg, grid=grid or "minmax",
             on_refine=refine_bar(prog) if cfg else None,
         )
     _finish(res.summary, None, json_out)
+
+
+def uniform_plan(spec: LayerSpec, target: str | None) -> Any:
+    """``model -> plan`` giving every linear ``spec``; with a serving target, the spec it serves for each
+    layer (symmetric, a whole group size), or one line naming a layer it cannot serve."""
+    from lwq.formats.targets import TARGETS, check, served_spec
+
+    if target is None:
+        return lambda m: {n: spec for n in linear_names(m)}
+    rule = TARGETS.get(target).widest()
+    why = check(rule, dataclasses.replace(spec, group_size=-1, sym=True, act_order=False), 1 << 20)
+    if why:
+        raise BadInput(f"--target {target} does not serve {spec.label} ({spec.format}): {why[0]}")
+
+    def plan(m: Any) -> dict[str, LayerSpec]:
+        from lwq.models.arch import linear_shape
+
+        out = {}
+        for n in linear_names(m):
+            served = served_spec(rule, spec, linear_shape(m.get_submodule(n))[1])
+            if served is None:
+                raise BadInput(f"--target {target} cannot serve {n} at {spec.label}")
+            out[n] = served
+        return out
+    return plan
 
 
 def refine_bar(prog: Any) -> Any:
@@ -166,7 +194,7 @@ def budget_recipe(config: str | None, budget: str | None, solver: str | None, sc
                   candidate_bits: str | None, backend: str | None, group_size: int | None, sym: bool,
                   act_bits: int | None, nsamples: int | None, seqlen: int | None, data: str | None,
                   tie: str | None, measure_with: str | None = None, refine: str | None = None,
-                  refine_steps: int | None = None, grid: str | None = None) -> Recipe:
+                  refine_steps: int | None = None, grid: str | None = None, target: str | None = None) -> Recipe:
     """The recipe from ``--config`` (or the defaults) with the flags that were given on top."""
     from lwq.score import SCORERS
 
@@ -175,7 +203,7 @@ def budget_recipe(config: str | None, budget: str | None, solver: str | None, sc
                  "bits": parse_bits(candidate_bits) if candidate_bits is not None else None, "backend": backend,
                  "group_size": group_size, "sym": sym or None, "act_bits": act_bits, "nsamples": nsamples,
                  "seqlen": seqlen, "data": data, "tie": tie, "measure_with": measure_with, "refine": refine,
-                 "refine_steps": refine_steps, "grid": grid}
+                 "refine_steps": refine_steps, "grid": grid, "target": target}
     recipe = merge(base, overrides)
     SCORERS.get(recipe.scorer)
     return dataclasses.replace(recipe, backend=with_grid(recipe.backend, recipe.grid))

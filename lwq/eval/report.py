@@ -51,7 +51,7 @@ def checkpoint_plan(folder: Path) -> Any:
     """The ``Plan`` of an lwq checkpoint, with exact costs and sizes (so its real bits per weight)."""
     from lwq.allocate.plan import Plan, PlanEntry, load_plan, reprice
     from lwq.formats.checkpoint import read_plan
-    from lwq.formats.export import meta_model
+    from lwq.formats.export_io import meta_model
     from lwq.models.arch import linear_shape
     from lwq.models.load import read_config
 

@@ -69,6 +69,18 @@ class Int6Layout(Layout):
         W = unpermute((q - zero) * t["scales"].float().t()[:, g], t.get("perm"))
         return W / t["smooth"].float()[None, :] if "smooth" in t else W
 
+    def codes(self, t: Tensors, spec: LayerSpec, shape: tuple[int, int]) -> QuantizedWeight | None:
+        if spec.act_bits == 8:
+            return None  # smoothed weights for int8 activations: not a plain weight grid
+        out_f, in_f = shape
+        q = unpermute(unpack_int6(t["qweight_lo"], t["qweight_hi"], in_f).t(), t.get("perm"))
+        scales = t["scales"].t()
+        zero = t["zeros"].t().to(torch.int32) if "zeros" in t else torch.full(scales.shape, 32, dtype=torch.int32)
+        g = group_index(in_f, spec.group_size)
+        g_idx = g if "perm" not in t else unpermute(g[None, :], t["perm"])[0]
+        return QuantizedWeight(spec, q.to(torch.int32).contiguous(), scales.contiguous(), zero.contiguous(),
+                               g_idx.to(torch.int32))
+
     def empty(self, spec: LayerSpec, shape: tuple[int, int]) -> Tensors:
         """Zero tensors with ``pack``'s names, shapes and dtypes (to load a checkpoint into)."""
         out_f, in_f = shape

@@ -43,6 +43,12 @@ class Layout(ABC):
         w = self.dequantize(t, spec, shape).to(x.dtype)
         return torch.nn.functional.linear(x, w)
 
+    def codes(self, t: Tensors, spec: LayerSpec, shape: tuple[int, int]) -> QuantizedWeight | None:
+        """The integer grid these tensors hold (codes, zero points, scales, ``g_idx``, in the weight's
+        own column order) when the weight is exactly ``(q - zero) * scale``; None for formats that are
+        not such a grid (bitsandbytes, int8-activation formats with smoothing)."""
+        return None
+
 
 LAYOUTS: Registry[Layout] = Registry("storage format")
 
@@ -111,6 +117,15 @@ class GptqLayout(Layout):
         qp = QParams(scales, zero)
         g_idx = t.get("g_idx")
         return dequantize(q, qp, group_index(in_f, spec.group_size, q.device) if g_idx is None else g_idx)
+
+    def codes(self, t: Tensors, spec: LayerSpec, shape: tuple[int, int]) -> QuantizedWeight:
+        out_f, in_f = shape
+        q = unpack(t["qweight"], spec.bits, in_f, dim=0).t()
+        scales = t["scales"].t()
+        zero = unpack(t["qzeros"], spec.bits, out_f, dim=1).t() if "qzeros" in t else \
+            torch.full(scales.shape, 1 << (spec.bits - 1), dtype=torch.int32)
+        g_idx = t["g_idx"] if "g_idx" in t else group_index(in_f, spec.group_size)
+        return QuantizedWeight(spec, q.contiguous(), scales.contiguous(), zero.contiguous(), g_idx.to(torch.int32))
 
     def cost(self, out_features: int, in_features: int, spec: LayerSpec) -> int:
         g = num_groups(in_features, spec.group_size)

@@ -60,10 +60,19 @@ def knapsack(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], capacity
 
 
 def solve(layers: Sequence[LayerCandidates], cap_bytes: int, *, tolerance: float = 0.005,
-          unit: int | None = None, max_buckets: int = MAX_BUCKETS) -> Allocation:
+          unit: int | None = None, max_buckets: int = MAX_BUCKETS,
+          tie_groups: Sequence[Sequence[str]] | None = None) -> Allocation:
     """Least summed error with total real bytes <= ``cap_bytes``; ``unit`` overrides the
-    discretisation (1 = exact, memory ``layers * cap`` bytes)."""
+    discretisation (1 = exact, memory ``layers * cap`` bytes); ``tie_groups``: names that must share
+    one spec (solved exactly on merged units, ``lwq.allocate.ties``)."""
     check_layers(layers)
+    if tie_groups:
+        from lwq.allocate.ties import expand, merge
+
+        units, maps = merge(layers, tie_groups)
+        inner = solve(units, cap_bytes, tolerance=tolerance, unit=unit, max_buckets=max_buckets)
+        return allocation(layers, expand(layers, units, maps, inner.index), "dp", tie_groups=len(tie_groups),
+                          **inner.info)
     smallest = min_bytes(layers)
     if cap_bytes < smallest:
         raise infeasible(layers, cap_bytes, smallest)
