@@ -190,6 +190,8 @@ def quantize_with_budget(
     if isinstance(plan, str):
         shapes = _shapes_model(model_name, dtype, load)
         plan = reprice(load_plan(plan, linear_names(shapes)), model_shapes(shapes))
+        if recipe.target is not None:
+            check_target(plan.specs, shapes, recipe.target)
     if plan is None:
         planning = fingerprint(model=model_identity(model_name), recipe=asdict(recipe), data=data, nsamples=nsamples,
                                seqlen=seqlen, seed=seed, text_field=text_field, calib=calib, dtype=dtype,
@@ -240,3 +242,25 @@ def _shapes_model(model_name: str, dtype: str, load: LoadOptions) -> Any:
         except LazyUnsupported:
             pass  # the whole load below is the documented fallback
     return load_model(model_name, dtype, "cpu", load.trust_remote_code)
+
+
+def check_target(specs: dict[str, Any], model: Any, target: str) -> None:
+    """Refuse, in one line naming the layers, a plan that ``target`` cannot serve as it is (the rule
+    ``lwq export --target`` applies: the target's widest format, fused shards tied)."""
+    from lwq.errors import BadInput
+    from lwq.formats.decide import decide
+    from lwq.formats.targets import TARGETS
+    from lwq.models.arch import arch_for, get_blocks
+    from lwq.planning import model_shapes
+
+    tgt = TARGETS.get(target)
+    arch = arch_for(model)
+    n = len(get_blocks(model, arch))
+    groups = [[f"{arch.blocks}.{i}.{lin}" for lin in g] for i in range(n) for g in arch.groups if len(g) > 1]
+    try:
+        decide(specs, model_shapes(model), groups, tgt, tgt.widest().format, fix=False)
+    except BadInput as e:
+        raise BadInput(f"--target {target}: the plan is not servable: {str(e).split(' as they are: ')[-1]}"
+                       .replace("; pass --fix to re-quantize them with RTN to the nearest servable spec", "")
+                       .replace("; pass --fix to raise the group to its highest precision", "")) from None
+
