@@ -186,6 +186,21 @@ def test_vllm_needs_whole_groups(tiny, tmp_path, capsys):
     assert config["dtype"] == "float16"
 
 
+def test_transformers_gptq_needs_one_scheme(tiny, tmp_path, capsys):
+    ckpt = tiny_ckpt(tiny, "fused", fused_plan)  # v_proj 2-bit, the rest 4-bit
+    capsys.readouterr()
+    assert run(["export", str(ckpt), "--target", "transformers", "--format", "gptq", "-o", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "one width and group size for every block linear" in err and "w2 g32 sym" in err
+    assert run(["export", str(ckpt), "--target", "transformers", "--format", "gptq", "--fix", "-o",
+                str(tmp_path / "t"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["dynamic"] == {} and doc["default"]["bits"] == 4
+    assert sorted(doc["requantized"]) == [f"model.layers.{i}.self_attn.v_proj" for i in range(2)]
+    _, _, bits_of = read_gptq(tmp_path / "t")
+    assert set(bits_of.values()) == {4}
+
+
 def test_output_rule(tiny, tmp_path, capsys):
     """An existing output needs --force, and --force replaces only an earlier export or an empty folder,
     never user files, the checkpoint itself or a folder holding it; non-lwq sources are refused."""

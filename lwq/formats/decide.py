@@ -142,19 +142,21 @@ def _match_fused(out: dict[str, LayerExport], groups: Sequence[Sequence[str]], t
 
 
 def _make_uniform(out: dict[str, LayerExport], target: ServingTarget, fmt: str, fix: bool) -> list[str]:
-    """A rule that reads one scheme for the whole model: refuse a mixed plan, or (``fix``) raise every
-    quantized layer to the most precise scheme present."""
+    """A rule that reads one scheme for the whole model (every block linear quantized alike): refuse a
+    mixed plan or 16-bit block linears, or (``fix``) raise every layer to the most precise scheme present."""
     quant = [x for x in out.values() if not x.kept]
-    if len({x.key for x in quant}) <= 1:
+    if not quant:
+        return []
+    if len({x.key for x in out.values()}) <= 1:
         return []
     if not fix:
-        seen = sorted({_label(x) for x in quant})
-        raise BadInput(f"{target.name} reads {fmt} with one width and group size for the whole model, but this plan "
-                       f"mixes {', '.join(seen)}; export --format compressed-tensors, or pass --fix to raise every "
-                       "layer to the most precise one")
+        seen = sorted({_label(x) for x in out.values()})
+        raise BadInput(f"{target.name} reads {fmt} with one width and group size for every block linear, but this "
+                       f"plan mixes {', '.join(seen)}; export --format compressed-tensors, or pass --fix to raise "
+                       "every layer to the most precise quantized one")
     best = max(quant, key=_precision)
     notes = []
-    for x in quant:
+    for x in out.values():
         if x.key != best.key:
             out[x.name] = _raise_to(x, best, f"{target.name} {fmt} needs one scheme ({_label(best)})")
             notes.append(f"{x.name}: {_label(x)} -> re-quantized with RTN to {_label(best)} (one scheme for the model)")
