@@ -3,12 +3,14 @@
 Steps: score layer importance (lim, measured sensitivity), quantize uniformly to 4, 3 and 2 bits
 with GPTQ, quantize to 3.25 and 2.5 real bits per weight with the default plan (dp over measured
 per-candidate errors, measured once and reused), evaluate every checkpoint on held-out text, and write a report (PNGs + markdown).
-Everything is written under the output folder, which the demo marks as its own and replaces on the
-next run; any other existing folder is refused without ``--force``.
+Everything is built in a hidden sibling of the output folder and renamed into place at the end
+(``lwq.outputs``): an earlier demo output (its marker lists exactly its entries) is replaced then, an
+empty folder too; any other existing folder is refused, ``--force`` or not.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -25,21 +27,17 @@ MARKER = "LWQ_DEMO_OUTPUT.json"
 Log = Callable[[str], None]
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Refuse an output that is a file, or an existing folder the demo did not write (without force)."""
-    if out.exists():
-        if not out.is_dir():
-            raise BadInput(f"demo output {out} exists and is not a folder")
-        if not (out / MARKER).is_file() and not force:
-            raise BadInput(f"{out} exists and was not written by `lwq demo`; pass --force or another -o")
+def check_output(out: Path, force: bool) -> Path:
+    """Refuse an output that is a file, or an existing folder that is neither empty nor a demo output
+    (``force`` changes nothing here: the demo replaces only its own outputs)."""
+    from lwq.outputs import KINDS, is_output
 
-
-def _prepare(out: Path, force: bool) -> None:
-    check_output(out, force)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / MARKER).write_text(json.dumps({"written_by": "lwq demo"}) + "\n")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BadInput(f"demo output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not is_output(out, KINDS.get("demo")):
+        raise BadInput(f"{out} exists and is not a demo output (no {MARKER} listing exactly its entries); "
+                       "choose another -o")
+    return out.absolute()
 
 
 def _eval(folder: Path, data: Path, load: LoadOptions) -> dict[str, Any]:
@@ -52,13 +50,44 @@ def _eval(folder: Path, data: Path, load: LoadOptions) -> dict[str, Any]:
 
 def run_demo(folder: Path, out: str, force: bool = False, log: Log = lambda _m: None) -> dict[str, Any]:
     """Run the demo pipeline on the demo model in ``folder``; returns the rows of the table."""
-    from lwq.eval.report import build_report
-    from lwq.score import ScoreConfig
+    from lwq.outputs import OutputLock
+
+    final = check_output(Path(out).expanduser(), force)
+    with OutputLock(final):
+        return _run(folder, final, log)
+
+
+def _run(folder: Path, final: Path, log: Log) -> dict[str, Any]:
+    from lwq.outputs import swap_in
 
     model = str(folder / "model")
     calib, held = folder / "calib.txt", folder / "eval.txt"
-    dest = Path(out).expanduser()
-    _prepare(dest, force)
+    dest = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    try:
+        result = _steps(model, calib, held, dest, log)
+        _relocate(dest, final)
+        entries = sorted(p.name for p in dest.iterdir())
+        (dest / MARKER).write_text(json.dumps({"written_by": "lwq demo", "files": entries}) + "\n")
+        swap_in(dest, final)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    text = json.dumps(result).replace(str(dest), str(final))
+    return json.loads(text)
+
+
+def _relocate(tmp: Path, final: Path) -> None:
+    """Paths written while building (report.md) name the final folder, not the hidden one."""
+    for md in tmp.rglob("*.md"):
+        md.write_text(md.read_text().replace(str(tmp), str(final)))
+
+
+def _steps(model: str, calib: Path, held: Path, dest: Path, log: Log) -> dict[str, Any]:
+    from lwq.eval.report import build_report
+    from lwq.score import ScoreConfig
+
     load = LoadOptions(device="cpu")
     common = dict(data=str(calib), nsamples=CALIB_SAMPLES, seqlen=DEMO_SEQLEN, load=load)
     log("scoring layer importance (lim, measured sensitivity)")
@@ -81,7 +110,7 @@ def run_demo(folder: Path, out: str, force: bool = False, log: Log = lambda _m: 
         rows.append({"variant": f"lwq mixed {budget} (dp)", "bits_per_weight": res.summary["bits_per_weight"],
                      "output": str(target), "perplexity": _eval(target, held, load)["perplexity"]})
     report = build_report([r["output"] for r in rows[1:]], dest / "report")
-    return {"model": model, "eval_data": str(held), "output": str(dest.resolve()), "rows": rows,
+    return {"model": model, "eval_data": str(held), "output": str(dest), "rows": rows,
             "report": str(report["markdown"])}
 
 

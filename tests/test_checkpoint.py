@@ -132,9 +132,14 @@ def test_existing_output_refused_without_force_and_replaced_with_it(saved):
     with pytest.raises(BadInput, match="already exists.*--force"):
         save_checkpoint(model, out, plan, "tiny", {})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    (out / "stale.txt").write_text("old")
+    (out / "notes.txt").write_text("the user's")  # no longer exactly what lwq wrote: never deleted
+    with pytest.raises(BadInput, match="not an lwq checkpoint folder"):
+        save_checkpoint(model, out, plan, "tiny", {"note": 1}, force=True)
+    assert (out / "notes.txt").read_text() == "the user's"
+    (out / "notes.txt").unlink()
+    (out / "lwq_eval.json").write_text("{}")  # what lwq itself adds beside a checkpoint: replaceable
     save_checkpoint(model, out, plan, "tiny", {"note": 1}, force=True)
-    assert not (out / "stale.txt").exists()
+    assert not (out / "lwq_eval.json").exists()
     assert json.loads((out / MANIFEST).read_text())["note"] == 1
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temp folders left
     load_checkpoint(out, device="cpu")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lwq.demo import MARKER, _prepare, run_demo
+from lwq.demo import MARKER, check_output, run_demo
 from lwq.errors import BadInput
 from lwq.models.demo import DemoConfig, build_demo_model, stdlib_docstrings
 
@@ -35,11 +35,17 @@ def test_demo_pipeline_on_a_small_build(tmp_path: Path) -> None:
     assert rows["lwq mixed 2.5bit (dp)"]["bits_per_weight"] <= 2.5
     assert (out / "report" / "report.md").is_file() and (out / "report" / "pareto.png").is_file()
     assert json.loads((out / "mixed-3.25bit" / "lwq_eval.json").read_text())["perplexity"] == pytest.approx(mixed["perplexity"])
-    _prepare(out, force=False)  # its own output folder is replaced
-    assert sorted(p.name for p in out.iterdir()) == [MARKER]
+    assert str(tmp_path / "out") in (out / "report" / "report.md").read_text()  # built aside, paths say where it is
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden build folder left
+    assert check_output(out, force=False) == out  # its own output folder is replaced on the next run
+    (out / "keep.txt").write_text("the user's")  # ... but not once a user file is in it
+    with pytest.raises(BadInput, match="is not a demo output"):
+        check_output(out, force=True)
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    with pytest.raises(BadInput, match="not written by `lwq demo`"):
-        run_demo(folder, str(other))
-    assert (other / "keep.txt").read_text() == "x" and not (other / MARKER).exists()
+    (other / MARKER).write_text("{}")  # a bare marker is not enough
+    for force in (False, True):
+        with pytest.raises(BadInput, match="is not a demo output"):
+            run_demo(folder, str(other), force=force)
+    assert (other / "keep.txt").read_text() == "x"

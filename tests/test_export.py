@@ -224,7 +224,7 @@ def test_output_rule(tiny, tmp_path, capsys):
     capsys.readouterr()
     for bad in (ckpt, ckpt.parent, ckpt / "sub"):
         assert run(["export", str(ckpt), "-o", str(bad), "--force"]) == 2
-        assert "must not be, contain or lie inside the checkpoint" in capsys.readouterr().err
+        assert "must not be, contain or lie inside the input" in capsys.readouterr().err
     assert (ckpt / "model.safetensors").is_file()
     assert run(["export", str(tiny / "model"), "-o", str(tmp_path / "x")]) == 2
     assert "is not an lwq checkpoint" in capsys.readouterr().err

@@ -55,6 +55,7 @@ def _to_v1(ckpt):
     manifest = json.loads((ckpt / "lwq_manifest.json").read_text())
     data = shard.read_bytes()
     manifest["files"]["model.safetensors"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest.pop("others")  # older manifests covered the shards only
     (ckpt / "lwq_manifest.json").write_text(json.dumps(manifest))
     return tensors
 

@@ -8,6 +8,7 @@ block is done. Hessians shared by a group of linears are stored once, under the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,12 @@ class CalibWriter:
     """Writes a calibration folder block by block (so Hessians need not all sit in memory) into a
     temporary sibling of ``out`` that ``finish`` renames into place."""
 
-    def __init__(self, out: str | Path, force: bool = False) -> None:
-        self.out = Path(out).expanduser()
-        if self.out.exists() and not force:
-            raise BadInput(f"output {self.out} already exists (use --force to overwrite)")
-        if self.out.exists() and not self.out.is_dir():
-            raise BadInput(f"output {self.out} exists and is not a folder")
+    def __init__(self, out: str | Path, force: bool = False, inputs: tuple[str | Path, ...] = ()) -> None:
+        from lwq.outputs import check_output
+
+        self.out = check_output(out, "calibration", force, inputs)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out.with_name(f".{self.out.name}.tmp")
+        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
@@ -89,11 +88,12 @@ class CalibWriter:
 
     def finish(self, stats: CalibStats, model_name: str, meta: dict[str, Any] | None = None) -> Path:
         """Write ``calib.json`` and move the folder into place."""
+        from lwq.outputs import swap_in
+
         doc = calib_doc(stats, model_name, meta, self.stored)
+        doc["files"] = sorted(p.name for p in self.tmp.iterdir())  # the output rule: what this folder holds
         (self.tmp / CALIB_JSON).write_text(json.dumps(doc, indent=1))
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self.tmp.rename(self.out)
+        swap_in(self.tmp, self.out)
         return self.out
 
 

@@ -150,11 +150,10 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, Layer
     copied from ``source``'s folder. ``extra_files`` (file name -> JSON-able object, e.g. the plan)
     are written inside it too. ``state``: the tensors to write, in order (default: the model's own;
     ``lwq.resume`` streams the blocks from its work folder instead)."""
-    out = Path(out_dir).expanduser().resolve()
-    check_output(out_dir, force)
+    from lwq.outputs import check_output, swap_in
+
     src = Path(source).expanduser()
-    if src.exists() and src.resolve() == out:
-        raise BadInput("the output folder must differ from the source model's folder")
+    out = check_output(out_dir, "checkpoint", force, inputs=[src] if src.exists() else [])
     missing = [n for n in plan if not isinstance(model.get_submodule(n), QuantizedLinear)]
     if missing:
         raise BadInput(f"{len(missing)} planned layer(s) are not quantized, e.g. {missing[0]}")
@@ -171,10 +170,11 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, Layer
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _write(model, tmp, plan, src, extra_meta or {}, tokenizer, max_shard_bytes, state)
+        names = _write(model, tmp, plan, src, tokenizer, max_shard_bytes, state)
         for fname, obj in (extra_files or {}).items():
             _dump(tmp / fname, obj)
-        _swap_in(tmp, out)
+        _write_manifest(tmp, names, src, extra_meta or {})
+        swap_in(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(out_dir, exc) from None
@@ -182,21 +182,6 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, Layer
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def check_output(out_dir: str | Path, force: bool) -> None:
-    """Refuse an output path that is a file, or an existing folder without ``force``; with ``force``,
-    refuse a non-empty folder that is not an lwq checkpoint (``--force`` must never delete user data)."""
-    out = Path(out_dir).expanduser()
-    if out.is_file() or (out.exists() and not out.is_dir()):
-        raise BadInput(f"output {out_dir} is a file, not a folder")
-    if not out.exists():
-        return
-    if not force:
-        raise BadInput(f"output {out_dir} already exists; pass --force to replace it")
-    if not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise BadInput(f"output {out_dir} is a non-empty folder that is not an lwq checkpoint; "
-                       "refusing to replace it even with --force")
 
 
 def write_error(target: str | Path, exc: OSError) -> LwqError:
@@ -223,8 +208,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write(model: nn.Module, tmp: Path, plan: dict[str, LayerSpec], src: Path, extra_meta: dict[str, Any],
-           tokenizer: Any, max_shard_bytes: int, state: dict[str, TensorRef]) -> None:
+def _write(model: nn.Module, tmp: Path, plan: dict[str, LayerSpec], src: Path, tokenizer: Any,
+           max_shard_bytes: int, state: dict[str, TensorRef]) -> list[str]:
+    """Shards, config.json, tokenizer and generation config; returns the shard names."""
     shards = _shards(state, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -247,25 +233,20 @@ def _write(model: nn.Module, tmp: Path, plan: dict[str, LayerSpec], src: Path, e
         shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
     elif getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(tmp))
-    files = {n: {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size} for n in names}
-    _dump(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "source": str(src), "files": files, **extra_meta})
+    return names
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists() or out.is_symlink():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old.exists() or old.is_symlink():
-            old.rename(out)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    elif old.exists() or old.is_symlink():
-        old.unlink()
+def _write_manifest(tmp: Path, names: list[str], src: Path, extra_meta: dict[str, Any]) -> None:
+    """``lwq_manifest.json``: sha256 and size of the shards (``files``) and of every other file
+    (``others``: config.json, tokenizer, plan, ...), so every file a loader reads is covered and the
+    folder's contents are listed exactly (the output rule, ``lwq.outputs``)."""
+    def entry(n: str) -> dict[str, Any]:
+        return {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size}
+
+    files = {n: entry(n) for n in names}
+    others = {p.name: entry(p.name) for p in sorted(tmp.iterdir()) if p.name not in files and p.name != MANIFEST}
+    _dump(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "source": str(src), "files": files, "others": others,
+                           **extra_meta})
 
 
 def _dump(path: Path, obj: Any) -> None:
@@ -273,20 +254,22 @@ def _dump(path: Path, obj: Any) -> None:
 
 
 def verify_manifest(path: str | Path) -> list[Path]:
-    """Check every shard against ``lwq_manifest.json``; returns the shard paths."""
+    """Check every shard, and every other file the manifest lists (config.json, tokenizer, plan:
+    manifests since 2026-12 list them under ``others``), against ``lwq_manifest.json``; returns the
+    shard paths."""
     p = Path(path).expanduser()
     mpath = p / MANIFEST
     if not mpath.is_file():
         raise BadInput(f"{p} has no {MANIFEST}: not a complete lwq checkpoint")
     try:
-        files = json.loads(mpath.read_text())["files"]
-        items = [(str(n), int(d["size"]), str(d["sha256"])) for n, d in files.items()]
+        doc = json.loads(mpath.read_text())
+        items = [(str(n), int(d["size"]), str(d["sha256"])) for n, d in doc["files"].items()]
+        others = [(str(n), int(d["size"]), str(d["sha256"])) for n, d in (doc.get("others") or {}).items()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BadInput(f"{mpath} is unreadable or malformed ({type(exc).__name__}: {exc})") from None
     if not items:
         raise BadInput(f"{mpath} lists no weight files")
-    shards = []
-    for name, size, digest in items:
+    for name, size, digest in items + others:
         f = p / name
         if Path(name).name != name:
             raise BadInput(f"{mpath} names a file outside the checkpoint: {name!r}")
@@ -297,8 +280,7 @@ def verify_manifest(path: str | Path) -> list[Path]:
                            "(truncated or replaced)")
         if sha256_file(f) != digest:
             raise BadInput(f"checkpoint file {name} does not match its sha256 in {MANIFEST} (modified or corrupt)")
-        shards.append(f)
-    return shards
+    return [p / name for name, _, _ in items]
 
 
 def read_plan(config: dict[str, Any]) -> dict[str, LayerSpec]:
@@ -353,6 +335,26 @@ def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto")
     model.eval()
     _attach_kernels(model)
     return model
+
+
+def check_tensor_names(model: nn.Module, shards: list[Path]) -> None:
+    """Refuse, in one line, shards that lack a tensor the model needs or hold one it does not have
+    (the transformers path runs this before loading; ``lwq.load`` checks the same while loading)."""
+    from safetensors import safe_open
+
+    expected = set(unique_state(model))
+    stored: set[str] = set()
+    for shard in shards:
+        try:
+            with safe_open(str(shard), "pt") as f:
+                stored.update(f.keys())
+        except (SafetensorError, OSError) as exc:
+            raise BadInput(f"cannot read {shard.name}: {exc}") from None
+    unexpected, missing = sorted(stored - expected), sorted(expected - stored)
+    if unexpected:
+        raise BadInput(f"the checkpoint holds {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[0]}")
+    if missing:
+        raise BadInput(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
 
 
 def _load_tensors(model: nn.Module, shards: list[Path]) -> None:

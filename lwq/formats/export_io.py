@@ -1,15 +1,11 @@
 """The I/O every export shares: read an lwq checkpoint's plan, shapes and tensors (verified against
 its manifest), and publish the new folder atomically.
 
-Output rule: the export is built in a hidden folder beside ``OUT`` and renamed into place when
-complete. ``OUT`` must not be, contain or lie inside the source checkpoint. An existing ``OUT`` is
-replaced only with ``force`` and only when it is an lwq export (its ``lwq_export.json`` parses and
-lists exactly the folder's files): ``--force`` never deletes anything lwq did not write.
+Outputs follow the one rule of ``lwq.outputs`` (kind ``export``, marker ``lwq_export.json``).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +16,6 @@ import torch
 from lwq.errors import BadInput
 from lwq.spec import LayerSpec
 
-EXPORT_MARKER = "lwq_export.json"
 MAX_SHARD_BYTES = 2 * 1024**3
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
                 "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -112,52 +107,19 @@ def open_source(source: str) -> Source:
 
 
 def check_export_output(src: Path, output: str, force: bool) -> Path:
-    """The resolved output folder, after refusing what the output rule forbids (module docstring)."""
-    out, s = Path(output).expanduser().resolve(), src.resolve()
-    if out == s or s in out.parents or out in s.parents:
-        raise BadInput(f"output {output} must not be, contain or lie inside the checkpoint {src}")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or out.is_symlink():
-            raise BadInput(f"output {output} exists and is not a folder; refusing to replace it")
-        if not force:
-            raise BadInput(f"output {output} already exists; pass --force to replace it")
-        if any(out.iterdir()) and not is_export(out):
-            raise BadInput(f"output {output} is not an lwq export (no {EXPORT_MARKER} listing exactly its "
-                           "files); refusing to replace it even with --force")
-    return out
+    """The output folder after the one output rule (``lwq.outputs``): never the checkpoint, a folder
+    holding it or one inside it; ``force`` replaces only an earlier export or an empty folder."""
+    from lwq.outputs import check_output
 
-
-def is_export(folder: Path) -> bool:
-    """Whether ``folder`` is an export lwq wrote: its marker parses and lists exactly its files."""
-    try:
-        listed = json.loads((folder / EXPORT_MARKER).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    present = {p.name for p in folder.iterdir()}
-    return isinstance(listed, list) and present == set(map(str, listed)) | {EXPORT_MARKER}
+    return check_output(output, "export", force, inputs=[src])
 
 
 def publish(out: Path, write: Callable[[Path], None], marker: dict[str, Any]) -> list[str]:
-    """Build the export in a hidden folder beside ``out`` (``write(folder)``), add the marker, then
-    rename it into place (moving an old export aside first, removing it after); returns the files."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        files = sorted(p.name for p in tmp.iterdir())
-        (tmp / EXPORT_MARKER).write_text(json.dumps({**marker, "files": files}, indent=2) + "\n")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return files
+    """Build the export beside ``out`` and rename it into place under the output lock (``lwq.outputs``)."""
+    from lwq.outputs import OutputLock, publish as publish_folder
+
+    with OutputLock(out):
+        return publish_folder(out, write, "export", marker)
 
 
 def copy_side_files(src: Path, folder: Path) -> None:

@@ -44,16 +44,17 @@ class LwqHfQuantizer(HfQuantizer):
     quantization_config: LwqConfig
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        from lwq.formats.checkpoint import read_plan, verify_manifest
+        from lwq.formats.checkpoint import check_tensor_names, read_plan, verify_manifest
         from lwq.formats.qlinear import add_v1_tensors, install_empty
 
         files = kwargs.get("checkpoint_files") or []
-        if files:
-            verify_manifest(Path(files[0]).parent)
+        shards = verify_manifest(Path(files[0]).parent) if files else []
         plan = read_plan({"quantization_config": self.quantization_config.to_dict()})
         install_empty(model, plan)
         if self.quantization_config.format_version == 1:
             add_v1_tensors(model)
+        if shards:
+            check_tensor_names(model, shards)  # transformers would leave missing ones uninitialised
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:

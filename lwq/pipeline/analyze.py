@@ -19,13 +19,9 @@ def calibrate_to_dir(
     loaded that way are loaded whole on CPU and their blocks moved to the device one at a time.
     Each block's Hessians are written to ``out`` as soon as the block is done. Returns
     ``(CalibStats without the Hessians, summary)``; ``lwq.calib.store.load_calib(out)`` reads them all."""
-    from pathlib import Path
-
-    from lwq.calib.stats import collect_stats
-    from lwq.calib.store import CalibWriter
     from lwq.errors import BadInput
-    from lwq.models.lazy import LazyUnsupported, load_lazy
-    from lwq.models.load import resolve_device, resolve_dtype
+    from lwq.models.load import looks_local
+    from lwq.outputs import OutputLock, check_output
 
     if nsamples < 1:
         raise BadInput(f"--nsamples must be positive, got {nsamples}")
@@ -33,8 +29,22 @@ def calibrate_to_dir(
         raise BadInput(f"--seqlen must be at least 2, got {seqlen}")
     if batch_size < 1:
         raise BadInput(f"--batch-size must be positive, got {batch_size}")
-    if Path(out).expanduser().exists() and not force:
-        raise BadInput(f"output {out} already exists (use --force to overwrite)")
+
+    inputs = [p for p in (model_name, data) if looks_local(p)]
+    target = check_output(out, "calibration", force, inputs)  # before minutes of work
+    with OutputLock(target):
+        return _calibrate(model_name, data, out, nsamples, seqlen, seed, load, force, text_field, batch_size, lazy,
+                          on_block, tuple(inputs))
+
+
+def _calibrate(model_name: str, data: str, out: str, nsamples: int, seqlen: int, seed: int, load: LoadOptions,
+               force: bool, text_field: str, batch_size: int, lazy: bool, on_block: Progress | None,
+               inputs: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    from lwq.calib.stats import collect_stats
+    from lwq.calib.store import CalibWriter
+    from lwq.models.lazy import LazyUnsupported, load_lazy
+    from lwq.models.load import resolve_device, resolve_dtype
+
     dev = resolve_device(load.device)
     batches = _calib_batches(model_name, data, nsamples, seqlen, seed, load, text_field)
     loader, how = None, "lazy"
@@ -46,7 +56,7 @@ def calibrate_to_dir(
         how = f"eager ({exc})"
         dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
-    writer = CalibWriter(out, force)
+    writer = CalibWriter(out, force, inputs)
     try:
         stats = collect_stats(model, batches, dev, on_block=on_block, batch_size=batch_size, loader=loader,
                               on_linears=writer.add_block)

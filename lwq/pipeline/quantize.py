@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from lwq.models.load import load_model, load_tokenizer
+from lwq.outputs import locked
 from lwq.pipeline.common import LoadOptions, Progress, calib_batches
 from lwq.pipeline.plan import plan_for_model
 
@@ -17,6 +18,7 @@ class QuantizeResult:
     summary: dict[str, Any]
 
 
+@locked
 def quantize_to_checkpoint(
     model_name: str, out: str, plan: Any, data: str | None = None, nsamples: int = 128, seqlen: int = 2048,
     seed: int = 0, load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text",
@@ -52,7 +54,8 @@ def quantize_to_checkpoint(
 
     from lwq.calib.data import SELF_DATA, calibration_samples, self_generated_samples
     from lwq.errors import EXIT_INTERRUPTED, BadInput, LwqError
-    from lwq.formats.checkpoint import check_output, save_checkpoint
+    from lwq.formats.checkpoint import save_checkpoint
+    from lwq.outputs import check_output
     from lwq.formats.qlinear import QuantizedLinear
     from lwq.models.arch import arch_for, get_blocks
     from lwq.models.lazy import lazy_or_whole
@@ -61,7 +64,7 @@ def quantize_to_checkpoint(
     from lwq.resume import (WorkFolder, deterministic, fingerprint, model_identity, plan_digest, resume_inputs,
                             stream_state, tensor_digest)
 
-    check_output(out, force)
+    check_output(out, "checkpoint", force, inputs=[model_name] if looks_local(model_name) else [])
     if looks_local(model_name) and is_lwq_checkpoint(model_name):
         raise BadInput(f"{model_name} is already an lwq checkpoint; quantize the original model")
     work = work or WorkFolder.claim(out, resume, force)
@@ -157,6 +160,7 @@ def quantize_to_checkpoint(
     return QuantizeResult(model, summary)
 
 
+@locked
 def quantize_with_budget(
     model_name: str, out: str, recipe: Any, data: str | None, nsamples: int, seqlen: int, seed: int = 0,
     load: LoadOptions = LoadOptions(), force: bool = False, text_field: str = "text", calib: str | None = None,
@@ -173,13 +177,14 @@ def quantize_with_budget(
     from dataclasses import asdict
 
     from lwq.allocate.plan import load_plan, plan_from_dict, plan_to_dict, reprice
-    from lwq.formats.checkpoint import check_output
     from lwq.models.arch import linear_names
+    from lwq.models.load import looks_local
+    from lwq.outputs import check_output
     from lwq.models.load import resolve_device, resolve_dtype
     from lwq.planning import model_shapes
     from lwq.resume import WorkFolder, fingerprint, model_identity
 
-    check_output(out, force)
+    check_output(out, "checkpoint", force, inputs=[model_name] if looks_local(model_name) else [])
     work = WorkFolder.claim(out, resume, force)
     model = None
     from lwq.calib.data import SELF_DATA
