@@ -13,12 +13,14 @@ def report_command(
     checkpoints: Optional[List[str]] = typer.Argument(None, help="lwq checkpoint folder(s); each may carry plan.json, scores.json and lwq_eval.json."),
     output: str = typer.Option(..., "--output", "-o", help="Folder for the PNGs and report.md."),
     results: Optional[List[str]] = typer.Option(None, "--results", help="JSON rows [{label, bits_per_weight, perplexity}] for the quality/size chart (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing report folder (only an earlier "
+                               "`lwq report` output, once the new one is complete)."),
     json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Figures and a markdown summary for CHECKPOINTS (and results files)."""
-    from lwq.eval.report import build_report
+    from lwq.eval.report import publish_report
 
-    doc = build_report(checkpoints or [], output, results or [])
+    doc = publish_report(checkpoints or [], output, results or [], force)
     if json_out:
         emit_json(doc)
         return

@@ -200,3 +200,30 @@ def render_markdown(doc: dict[str, Any]) -> str:
                          f"{'yes' if r['label'] in front else ''} |")
         lines += ["", "![quality against size](pareto.png)", ""]
     return "\n".join(lines) + "\n"
+
+
+def publish_report(folders: Sequence[str], out_dir: str | Path, results: Sequence[str] = (),
+                   force: bool = False) -> dict[str, Any]:
+    """``build_report`` under the one output rule (``lwq.outputs``, kind ``report``): built beside
+    ``out_dir`` and renamed into place; an existing folder is replaced only with ``force`` and only
+    when it is an earlier report (or empty); never a checkpoint folder it reads."""
+    import json
+
+    from lwq.outputs import OutputLock, check_output, publish
+
+    out = check_output(out_dir, "report", force, inputs=list(folders) + list(results))
+    built: dict[str, Any] = {}
+
+    def build(tmp: Path) -> None:
+        built.update(build_report(folders, tmp, results))
+        md = tmp / "report.md"
+        md.write_text(md.read_text().replace(str(tmp.resolve()), str(out)).replace(str(tmp), str(out)))
+
+    with OutputLock(out):
+        publish(out, build, "report", {"kind": "report"})
+    tmp_names = {str(Path(built["output"])), str(Path(built["output"]).resolve())}
+    text = json.dumps(built)
+    for name in sorted(tmp_names, key=len, reverse=True):
+        text = text.replace(name, str(out))
+    return json.loads(text)
+
