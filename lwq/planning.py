@@ -22,11 +22,11 @@ from torch import nn
 from lwq.allocate import allocate
 from lwq.allocate.candidates import hessian_errors, make_candidates, with_importance
 from lwq.allocate.groups import block_units, tie_groups
-from lwq.formats.targets import TARGETS
 from lwq.allocate.plan import Plan, plan_from_allocation
 from lwq.allocate.recipes import Recipe
 from lwq.backends.quant import rtn_fake_quant
 from lwq.errors import BadInput
+from lwq.formats.targets import TARGETS
 from lwq.models.arch import LINEAR_TYPES, arch_for, get_blocks, linear_names, linear_shape, linear_weight
 from lwq.models.placement import Placement
 from lwq.spec import LayerSpec
@@ -96,6 +96,25 @@ def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list
     meta["trials"] = trials
     out = ErrorDB(entries, meta)
     return db_errors(layers, out), out
+
+
+def check_feasible(model: nn.Module, recipe: Recipe) -> None:
+    """Refuse, before any forward pass, a budget below the smallest plan the candidates allow (from
+    the weight shapes only: ``model`` may live on the meta device)."""
+    from lwq.allocate import budget_bytes, in_budget_units, parse_budget
+    from lwq.allocate.types import min_bytes
+
+    if recipe.budget is None:
+        return
+    shapes = model_shapes(model)
+    layers = make_candidates(shapes, recipe.bits, recipe.backend, recipe.group_size, recipe.sym, recipe.act_bits,
+                             serve=target_filter(recipe.target))
+    b = parse_budget(recipe.budget)
+    rest = rest_bytes(model, shapes)
+    smallest = min_bytes(layers)
+    if budget_bytes(b, layers, rest) < smallest:
+        raise BadInput(f"budget {b.text} is infeasible: the minimum is {in_budget_units(b, smallest, layers, rest)} "
+                       f"({smallest} bytes of quantized layers at the narrowest candidates)")
 
 
 def target_filter(target: str | None) -> Any:

@@ -38,6 +38,9 @@ class LayerSpec:
             raise BadInput(f"act_bits must be 8 or 16, got {self.act_bits}")
         if self.format not in FORMATS:
             raise BadInput(f"format must be one of {FORMATS}, got {self.format!r}")
+        why = layout_mismatch(self)
+        if why:
+            raise BadInput(f"{self.format} cannot store {self.bits}-bit weights with {self.act_bits}-bit activations: {why}")
 
     @property
     def label(self) -> str:
@@ -71,6 +74,17 @@ class LayerSpec:
                 raise BadInput(f"{where}: {key} must be {want.__name__}, got {val!r}")
             kwargs[key] = val
         return cls(**kwargs)
+
+
+def layout_mismatch(spec: "LayerSpec") -> str | None:
+    """Why no storage layout holds this (format, bits, act_bits) combination (None when one does)."""
+    if spec.format == "w4a8" and (spec.bits != 4 or spec.act_bits != 8):
+        return "w4a8 holds 4-bit weights for 8-bit activations"
+    if spec.format == "int6" and spec.bits != 6:
+        return "int6 holds 6-bit weights"
+    if spec.format in ("gptq", "fp16", "bnb") and spec.act_bits == 8:
+        return "int8 activations need the w4a8 (4-bit) or int6 (6-bit) format"
+    return None
 
 
 def default_format(bits: int, act_bits: int = 16, backend: str = "rtn") -> str:

@@ -153,3 +153,46 @@ def test_transformers_refuses_missing_tensors_and_edited_config(tiny, tmp_path):
     ok = AutoModelForCausalLM.from_pretrained(str(tiny / "q"))
     with torch.no_grad():
         assert torch.isfinite(ok(input_ids=torch.ones(1, 4, dtype=torch.long)).logits).all()
+
+
+def test_spec_combinations_no_layout_holds_are_refused(tiny, tmp_path, capsys):
+    from lwq.errors import BadInput
+    from lwq.spec import LayerSpec
+
+    for kw, why in ((dict(bits=2, act_bits=8), "int8 activations need the w4a8"),
+                    (dict(bits=3, format="int6"), "int6 holds 6-bit weights"),
+                    (dict(bits=8, format="w4a8", act_bits=8, sym=True), "w4a8 holds 4-bit")):
+        with pytest.raises(BadInput, match=why):
+            LayerSpec(**kw)
+    plan = {"version": 1, "default": {"bits": 2, "group_size": 32, "act_bits": 8, "format": "gptq"}, "layers": {}}
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    assert run(["quantize", str(tiny / "model"), "--plan", str(tmp_path / "p.json"), "-o", str(tmp_path / "o")]) == 2
+    assert "int8 activations need the w4a8" in one_line(capsys) and not (tmp_path / "o").exists()
+
+
+def test_json_never_carries_bare_nan(tiny, tmp_path, capsys):
+    rows = tmp_path / "rows.json"
+    rows.write_text('[{"label": "a", "bits_per_weight": 3.0, "perplexity": 10.0},'
+                    ' {"label": "b", "bits_per_weight": 4.0, "perplexity": 9.0}]')
+    from lwq.commands.common import emit_json
+
+    emit_json({"ppl": float("nan"), "rows": [float("inf"), 1.5], "nested": {"x": float("-inf")}})
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "Infinity" not in out
+    assert json.loads(out) == {"ppl": None, "rows": [None, 1.5], "nested": {"x": None}}
+
+
+def test_infeasible_budget_is_refused_before_any_forward_pass(tiny, tmp_path, capsys, monkeypatch):
+    import lwq.calib.data as data
+
+    def boom(*a, **k):
+        raise AssertionError("calibration ran before the budget was checked")
+
+    monkeypatch.setattr(data, "calibration_samples", boom)
+    monkeypatch.setattr(data, "self_generated_samples", boom)
+    for cmd in ("quantize", "plan"):
+        out = tmp_path / f"{cmd}-o"
+        assert run([cmd, str(tiny / "model"), "--budget", "0.5bit", "-o", str(out), "--data",
+                    str(tiny / "text.txt"), *SMALL]) == 2
+        err = one_line(capsys)
+        assert "budget 0.5bit is infeasible: the minimum is" in err and not out.exists()

@@ -19,9 +19,24 @@ TRUST_OPT = typer.Option(False, "--trust-remote-code", help="Allow the model's o
 
 
 def emit_json(obj: Any) -> None:
-    """Write one JSON document to stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_default) + "\n")
+    """Write one JSON document to stdout; NaN and infinities become ``null`` (JSON has no such
+    numbers: a bare ``NaN`` breaks every strict parser)."""
+    sys.stdout.write(json.dumps(finite(json.loads(json.dumps(obj, default=_default))), indent=2,
+                                allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (recursively through lists and dicts)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def _default(obj: Any) -> Any:

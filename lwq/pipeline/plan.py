@@ -32,7 +32,7 @@ def plan_for_model(
     from lwq.errors import BadInput
     from lwq.models.load import resolve_device, resolve_dtype
     from lwq.models.placement import place
-    from lwq.planning import plan_model
+    from lwq.planning import check_feasible, plan_model
     from lwq.score import SCORERS
 
     scorer = SCORERS.get(recipe.scorer)
@@ -45,6 +45,7 @@ def plan_for_model(
         model, loader, _how = lazy_or_whole(model_name, dtype, str(dev))
     if model is None:
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
+    check_feasible(model, recipe)  # before calibration
     measure = None
     if len(devices) > 1:
         from lwq.measure import ModelSource, parallel_measure

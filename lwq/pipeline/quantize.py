@@ -198,6 +198,9 @@ def quantize_with_budget(
         if recipe.target is not None:
             check_target(plan.specs, shapes, recipe.target)
     if plan is None:
+        from lwq.planning import check_feasible
+
+        check_feasible(_shapes_model(model_name, dtype, load), recipe)  # before loading or calibrating
         planning = fingerprint(model=model_identity(model_name), recipe=asdict(recipe), data=data, nsamples=nsamples,
                                seqlen=seqlen, seed=seed, text_field=text_field, calib=calib, dtype=dtype,
                                device=resolve_device(load.device).type)
