@@ -196,3 +196,28 @@ def test_infeasible_budget_is_refused_before_any_forward_pass(tiny, tmp_path, ca
                     str(tiny / "text.txt"), *SMALL]) == 2
         err = one_line(capsys)
         assert "budget 0.5bit is infeasible: the minimum is" in err and not out.exists()
+
+
+def test_backtracking_plan_regex_is_refused_in_bounded_time(tiny, tmp_path, capsys, monkeypatch):
+    """Regex keys run on an engine with a time limit per match: a pattern that costs more is refused
+    with one line (here a backreference-heavy one under a tight limit, so the test runs fast)."""
+    import time
+
+    import lwq.allocate.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "REGEX_SECONDS", 0.002)
+    evil = r"re:(.*)(.*)(.*)(.*)(.*)\1\2\3\4\5j"  # ~20 ms per name, polynomial blow-up
+    plan = {"version": 1, "default": {"bits": 4, "group_size": 32}, "layers": {evil: {"bits": 8}}}
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    t0 = time.monotonic()
+    assert run(["quantize", str(tiny / "model"), "--plan", str(tmp_path / "p.json"), "-o", str(tmp_path / "o")]) == 2
+    assert time.monotonic() - t0 < 60
+    assert "catastrophic backtracking" in one_line(capsys) and not (tmp_path / "o").exists()
+    # the classic exponential pattern of Python's re finishes at once on this engine
+    import regex
+
+    monkeypatch.setattr(plan_mod, "REGEX_SECONDS", 1.0)
+    classic = regex.compile("(a|aa|.)*(a|aa|.)*(a|aa|.)*(a|aa|.)*(a|aa|.)*x")
+    t0 = time.monotonic()
+    assert plan_mod._matches(classic, "re:...", "model.layers.10.self_attn.o_proj" * 3, "plan") is False
+    assert time.monotonic() - t0 < 1.0

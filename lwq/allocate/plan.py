@@ -25,12 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import regex
+
 from lwq.allocate.types import Allocation, LayerCandidates
 from lwq.errors import BadInput
 from lwq.fileio import read_text, write_json_atomic
 from lwq.spec import SPEC_FIELDS, LayerSpec, default_format
 
 PLAN_VERSION = 1
+REGEX_SECONDS = 1.0  # per match of a "re:" key against one module name
 COUNTED = "counted: decoder block linears"
 KEPT = "kept 16-bit: embeddings, lm_head, norms, biases"
 TOP_KEYS = ("version", "budget", "solver", "scorer", "bits_per_weight", "total_bytes", "counted", "kept_16bit",
@@ -161,6 +164,16 @@ def _unknown_name(name: str, valid: Sequence[str], where: str) -> BadInput:
     return BadInput(f"{where}: unknown module {name!r}; {hint}")
 
 
+def _matches(pattern: Any, key: str, name: str, where: str) -> bool:
+    """``pattern.fullmatch(name)`` within ``REGEX_SECONDS`` (a backtracking pattern is refused, not run
+    for hours)."""
+    try:
+        return pattern.fullmatch(name, timeout=REGEX_SECONDS) is not None
+    except TimeoutError:
+        raise BadInput(f"{where}: layers[{key!r}] took over {REGEX_SECONDS:g} s to match {name!r} "
+                       "(catastrophic backtracking?); simplify the regular expression") from None
+
+
 def plan_from_dict(d: Any, valid_names: Sequence[str] | None = None, where: str = "plan") -> Plan:
     """Strictly parse a plan document (see ``load_plan``)."""
     if not isinstance(d, dict):
@@ -185,13 +198,13 @@ def plan_from_dict(d: Any, valid_names: Sequence[str] | None = None, where: str 
         base = {k: v for k, v in d["default"].items() if k in SPEC_FIELDS}
         base["format"] = default.format
     explicit: dict[str, PlanEntry] = {}
-    patterns: list[tuple[re.Pattern[str], str, Any]] = []
+    patterns: list[tuple[Any, str, Any]] = []
     for key, raw in layers.items():
         w = f"{where}: layers[{key!r}]"
         if key.startswith("re:"):
             try:
-                patterns.append((re.compile(key[3:]), key, raw))
-            except re.error as e:
+                patterns.append((regex.compile(key[3:]), key, raw))
+            except (regex.error, re.error) as e:
                 raise BadInput(f"{w}: bad regular expression: {e}") from None
             _spec(raw, base, w)
             continue
@@ -210,7 +223,7 @@ def plan_from_dict(d: Any, valid_names: Sequence[str] | None = None, where: str 
             if name in explicit:
                 entries[name] = explicit[name]
                 continue
-            hit = next(((p, key, raw) for p, key, raw in patterns if p.fullmatch(name)), None)
+            hit = next(((p, key, raw) for p, key, raw in patterns if _matches(p, key, name, where)), None)
             if hit is not None:
                 used.add(hit[1])
                 entries[name] = PlanEntry(_spec(hit[2], base, f"{where}: layers[{hit[1]!r}]"))
