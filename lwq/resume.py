@@ -21,6 +21,7 @@ mid-way. It does nothing unless set.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -74,15 +75,28 @@ def tensor_digest(t: torch.Tensor | None) -> str | None:
 
 
 def model_identity(name: str) -> dict[str, Any]:
-    """What identifies the source model cheaply: its resolved folder, config and weight file sizes
-    (hashing hundreds of GB of weights would cost minutes), or the hub id."""
+    """What identifies the source model: its resolved folder, the sha256 of its config and of every
+    weight file (by content: a same-size rewrite of the weights is a different model; one read pass,
+    memoised per file, size and mtime), or the hub id."""
     p = Path(name).expanduser()
     if not p.is_dir():
         return {"id": name}
     cfg = p / "config.json"
     return {"path": str(p.resolve()),
             "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else None,
-            "weights": [[f.name, f.stat().st_size] for f in sorted(p.glob("*.safetensors"))]}
+            "weights": [[f.name, f.stat().st_size, file_digest(str(f.resolve()), f.stat().st_size,
+                                                               f.stat().st_mtime_ns)]
+                        for f in sorted(p.glob("*.safetensors"))]}
+
+
+@functools.lru_cache(maxsize=64)
+def file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes (``size``/``mtime_ns`` key the memo: a rewritten file is hashed again)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def fingerprint(**fields: Any) -> dict[str, Any]:

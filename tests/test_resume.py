@@ -157,3 +157,31 @@ def test_budget_resume_reuses_the_saved_plan(tiny, tmp_path, monkeypatch):
     assert run(["quantize", str(tiny / "model"), "-o", str(out), *budget, "--resume"]) == 0
     assert shards(out) == shards(ref)
     assert json.loads((out / "plan.json").read_text()) == json.loads((ref / "plan.json").read_text())
+
+
+def test_resume_after_the_source_weights_changed_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    """Same size, other bytes: the fingerprint hashes the weight files, so the run is not continued on
+    a different model (which would mix old and new blocks)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny / "model", model)
+    out = tmp_path / "q"
+    argv = ["quantize", str(model), "-o", str(out), "--data", str(tiny / "calib.txt"), *GPTQ]
+    monkeypatch.setenv(KILL_ENV, "0")
+    monkeypatch.setenv(SIGNAL_ENV, "INT")
+    assert run(argv) == 130
+    monkeypatch.delenv(KILL_ENV)
+    shard = model / "model.safetensors"
+    size = shard.stat().st_size
+    tensors = load_file(str(shard))
+    key = next(k for k in tensors if k.endswith("layers.3.mlp.down_proj.weight"))
+    tensors[key] = tensors[key] * 1.5  # fine-tuned weights: same shapes, same file size
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert shard.stat().st_size == size
+    capsys.readouterr()
+    assert run(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different run" in err[0] and "model" in err[0]
