@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import click
 import typer
@@ -56,6 +57,21 @@ def run(argv: list[str] | None = None) -> int:
     debug = "--debug" in args or os.environ.get("LWQ_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     _prepare_environment()
+    bad = next((a for a in args if not _utf8(a)), None)
+    if bad is not None:  # safetensors, tokenizers and JSON take UTF-8 paths only
+        return _fail(f"argument {ascii(bad)} is not valid UTF-8 (a path with undecodable bytes?); "
+                     "rename it or pass a UTF-8 path", EXIT_BAD_INPUT)
+    with warnings.catch_warnings(record=True) as caught:  # libraries' warnings never precede an error line
+        warnings.simplefilter("default")
+        code = _dispatch(args, debug)
+    if code == 0:
+        for w in caught:
+            if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+                sys.stderr.write(f"warning: {' '.join(str(w.message).split())[:300]}\n")
+    return code
+
+
+def _dispatch(args: list[str], debug: bool) -> int:
     try:
         rv = app(args=args, prog_name="lwq", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -76,6 +92,14 @@ def run(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_FAILURE)
+
+
+def _utf8(arg: str) -> bool:
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _prepare_environment() -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -214,15 +214,18 @@ class WorkFolder:
         f = self.inputs_file(i)
         if not f.is_file():
             raise BadInput(f"{self.path} lacks the inputs of block {i}; pass --force to start over")
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            keys = set(st.keys())
-            count = sum(k.startswith("hidden.") for k in keys)
-            hidden = [st.get_tensor(f"hidden.{j}").to(device) for j in range(count)]
-            refs = sum(k.startswith("reference.") for k in keys)
-            reference = [st.get_tensor(f"reference.{j}").to(device) for j in range(refs)] if refs else None
-            torch.set_rng_state(st.get_tensor("rng.cpu"))
-            if "rng.cuda" in keys and torch.cuda.is_available():
-                torch.cuda.set_rng_state(st.get_tensor("rng.cuda"))
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                keys = set(st.keys())
+                count = sum(k.startswith("hidden.") for k in keys)
+                hidden = [st.get_tensor(f"hidden.{j}").to(device) for j in range(count)]
+                refs = sum(k.startswith("reference.") for k in keys)
+                reference = [st.get_tensor(f"reference.{j}").to(device) for j in range(refs)] if refs else None
+                torch.set_rng_state(st.get_tensor("rng.cpu"))
+                if "rng.cuda" in keys and torch.cuda.is_available():
+                    torch.cuda.set_rng_state(st.get_tensor("rng.cuda"))
+        except (SafetensorError, OSError) as exc:
+            raise damaged(f, exc) from None
         return hidden, reference
 
     def block_refs(self, i: int) -> dict[str, TensorRef]:
@@ -230,11 +233,14 @@ class WorkFolder:
         f = self.block_file(i)
         if not f.is_file():
             raise BadInput(f"{self.path} lacks block {i}; pass --force to start over")
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            keys = json.loads((st.metadata() or {}).get("keys", "[]"))
-            if sorted(keys) != sorted(st.keys()):
-                raise BadInput(f"{f} is damaged; pass --force to start over")
-            shapes = {k: (st.get_slice(k).get_dtype(), tuple(st.get_slice(k).get_shape())) for k in keys}
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                keys = json.loads((st.metadata() or {}).get("keys", "[]"))
+                if sorted(keys) != sorted(st.keys()):
+                    raise BadInput(f"{f} is damaged; pass --force to start over")
+                shapes = {k: (st.get_slice(k).get_dtype(), tuple(st.get_slice(k).get_shape())) for k in keys}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise damaged(f, exc) from None
         return {k: TensorRef(_DTYPES[dt], shape, _reader(f, k)) for k, (dt, shape) in shapes.items()}
 
     def save_plan(self, planning: dict[str, Any], plan: dict[str, Any]) -> None:
@@ -266,6 +272,12 @@ class WorkFolder:
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+
+
+def damaged(f: Path, exc: BaseException) -> BadInput:
+    """The one line for a work-folder file that cannot be read back."""
+    why = " ".join(str(exc).split())[:120] or type(exc).__name__
+    return BadInput(f"{f} is damaged ({why}); pass --force to start over")
 
 
 def _reader(f: Path, key: str) -> Callable[[], torch.Tensor]:

@@ -32,6 +32,12 @@ def test_doctor_json_lists_everything_with_reasons(capsys):
     assert {"rtn", "gptq"} <= {r["name"] for r in doc["backends"]}
     assert {"dp", "ilp"} <= {r["name"] for r in doc["solvers"]}
     assert doc["transformers_integration"]["from_pretrained"] is True
+    targets = {t["name"]: t for t in doc["targets"]}
+    assert set(targets) == {"vllm", "transformers", "gptqmodel"}
+    vllm = {r["format"]: r for r in targets["vllm"]["formats"]}
+    assert vllm["gptq"]["bits"] == [4, 8] and vllm["gptq"]["zero_points"] is False
+    assert vllm["compressed-tensors"]["group_sizes"] == [-1, 32, 64, 128] and targets["vllm"]["fused_must_match"]
+    assert [r["format"] for r in targets["gptqmodel"]["formats"]] == ["gptq"]
 
 
 def test_missing_package_reports_the_import_error():

@@ -44,7 +44,7 @@ class HasNumel(Protocol):
 
 def parse_budget(text: str) -> Budget:
     """Parse a budget string; anything else is a one-line ``BadInput`` listing the accepted forms."""
-    m = _RE.match(text) if isinstance(text, str) else None
+    m = _RE.match(text) if isinstance(text, str) and text.isascii() else None  # no "３bit": ASCII digits only
     if m is None or m.group(3).lower() not in _UNITS:
         raise BadInput(f"budget {text!r} not understood; {ACCEPTED}")
     mantissa, exp, unit = m.groups()

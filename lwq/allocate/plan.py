@@ -253,6 +253,8 @@ def load_plan(path: str | Path, valid_names: Sequence[str] | None = None) -> Pla
         raise BadInput(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     except ValueError as e:
         raise BadInput(f"{path}: {e}") from None
+    except RecursionError:
+        raise BadInput(f"{path}: invalid plan: JSON nested too deeply") from None
     return plan_from_dict(d, valid_names, str(path))
 
 

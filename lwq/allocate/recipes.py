@@ -163,6 +163,9 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     text = read_text(path, "recipe file")
     try:
+        aliases = sum(isinstance(t, yaml.AliasToken) for t in yaml.scan(text))
+        if aliases:  # a recipe is a few flat keys; aliases only serve to expand (billion laughs)
+            raise BadInput(f"{path}: YAML aliases (*name) are not accepted in a recipe; write the values out")
         d = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

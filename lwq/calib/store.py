@@ -108,7 +108,7 @@ def save_calib(stats: CalibStats, out_dir: str | Path, model_name: str, meta: di
 
 def load_calib(path: str | Path, model: nn.Module | None = None) -> CalibStats:
     """Read a calibration folder; with ``model``, check that it was made for that model's linears."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     p = Path(path).expanduser()
     if not is_calib_dir(p):
@@ -125,7 +125,7 @@ def load_calib(path: str | Path, model: nn.Module | None = None) -> CalibStats:
         for fname in files:
             with safe_open(str(p / fname), framework="pt", device="cpu") as f:
                 tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise BadInput(f"cannot read the tensors of {path}: {' '.join(str(exc).split())[:200]}") from None
     try:
         blocks = {name: BlockStats(**b) for name, b in doc["blocks"].items()}

@@ -1,12 +1,13 @@
 """``lwq calibrate``: block-by-block calibration statistics saved to a folder (see ``lwq.calib``)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
-from lwq.commands.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, emit_json
+from lwq.commands.common import (DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, check_seed, emit_json,
+                                 refuse_checkpoint, resolve_seqlen)
 from lwq.pipeline import LoadOptions, calibrate_to_dir
 from lwq.ui import out_console, progress
 
@@ -16,7 +17,7 @@ def calibrate_command(
     data: str = typer.Option(..., "--data", help="Calibration text: a .txt/.jsonl file, a folder of .txt, or wikitext2/c4/ptb."),
     output: str = typer.Option(..., "-o", "--output", help="Folder to write (calib.json + stats.safetensors)."),
     nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
-    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default 2048, capped at the model's context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for picking the windows."),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files."),
@@ -26,6 +27,9 @@ def calibrate_command(
 ) -> None:
     """Run MODEL one decoder block at a time on calibration text and save per-block statistics
     (cosine in/out, norms) and per-linear Hessians X^T X and activation absmax."""
+    check_seed(seed)
+    refuse_checkpoint(model, "calibrate")
+    seqlen = resolve_seqlen(model, seqlen, 2048)
     with progress(quiet or json_out) as prog:
         task = prog.add_task("calibrating blocks", total=None)
         _, summary = calibrate_to_dir(

@@ -94,3 +94,48 @@ TIE_OPT = typer.Option(None, "--tie", help="dp or ilp: none, fused (q/k/v and ga
 TARGET_OPT = typer.Option(None, "--target", help="Plan for a serving engine: vllm, transformers or gptqmodel (`lwq doctor` lists what each serves). Only candidates it serves are offered (vllm, transformers: symmetric; whole groups; its widths; vllm also ties fused q/k/v and gate/up), so `lwq export --target NAME` needs no --fix.")
 CALIB_OPT = typer.Option(None, "--calib", help="Reuse an `lwq calibrate` folder's statistics for planning.")
 DATA_OPT = typer.Option(None, "--data", help="Calibration text (.txt/.jsonl/folder or wikitext2/c4); without it, text sampled from the model itself.")
+
+
+SEED_MAX = 2**63 - 1
+
+
+def check_seed(seed: int) -> int:
+    """``--seed``: a whole number torch and numpy take (0 .. 2**63-1)."""
+    if not 0 <= seed <= SEED_MAX:
+        raise BadInput(f"--seed must be a whole number from 0 to 2**63-1, got {seed}")
+    return seed
+
+
+def model_context(model: str) -> int | None:
+    """The context length of a local model or checkpoint folder (None when unknown, e.g. a hub id)."""
+    from pathlib import Path
+
+    from lwq.models.load import read_config
+
+    if not (Path(model).expanduser() / "config.json").is_file():
+        return None
+    cfg = read_config(model)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(cfg.get(key), int) and not isinstance(cfg.get(key), bool) and cfg[key] > 0:
+            return int(cfg[key])
+    return None
+
+
+def resolve_seqlen(model: str, seqlen: int | None, default: int) -> int:
+    """``--seqlen``: the given value, which must fit the model's context (refused with the limit), or
+    ``default`` capped at the context when not given."""
+    ctx = model_context(model)
+    if seqlen is None:
+        return min(default, ctx) if ctx else default
+    if ctx is not None and seqlen > ctx:
+        raise BadInput(f"--seqlen {seqlen} exceeds the context of {model} ({ctx} tokens)")
+    return seqlen
+
+
+def refuse_checkpoint(model: str, command: str) -> None:
+    """``command`` reads an original model: an lwq checkpoint given instead is one line."""
+    from lwq.models.load import is_lwq_checkpoint, looks_local
+
+    if looks_local(model) and is_lwq_checkpoint(model):
+        raise BadInput(f"{model} is an lwq checkpoint; lwq {command} reads the original (unquantized) model")
+

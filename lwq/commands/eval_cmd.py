@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from lwq.commands.common import (DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, parse_percent,
-                                 parse_size)
+                                 parse_size, resolve_seqlen)
 from lwq.errors import BadInput, GateFailed
 from lwq.eval.harness import compare_docs, lm_eval_module, parse_tasks, run_tasks
 from lwq.pipeline import LoadOptions, evaluate_ppl
@@ -41,7 +41,7 @@ def _evaluate(name: str, data: str | None, tasks: list[str] | None, limit: int |
 def eval_command(
     model: Optional[str] = typer.Argument(None, help="Model folder, hub id or lwq checkpoint (or use --compare A B)."),
     data: Optional[str] = typer.Option(None, "--data", help="Text: a .txt/.jsonl file, a folder of .txt, or wikitext2/c4/ptb (default wikitext2; with --tasks, perplexity only when given)."),
-    seqlen: int = typer.Option(256, "--seqlen", help="Tokens per window."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default 256, capped at the model's context; more than the context is refused)."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Window step (default: seqlen, disjoint windows)."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Evaluate at most this many windows."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
@@ -70,10 +70,12 @@ def eval_command(
             raise BadInput("give either MODEL or --compare A B, not both")
         if gated:
             raise BadInput("--compare does not take gates (--max-ppl, --baseline, --max-ppl-increase)")
+        seqlen = min(resolve_seqlen(m, seqlen, 256) for m in compare)
         return _compare(list(compare), data, task_list, limit, seqlen, stride, max_samples, batch_size, text_field,
                         load, json_out, quiet)
     if model is None:
         raise BadInput("give a MODEL to evaluate (or --compare A B)")
+    seqlen = resolve_seqlen(model, seqlen, 256)
     if task_list is not None and data is None and not gated:
         return _tasks_only(model, task_list, limit, batch_size, load,
                            json_out, quiet)
@@ -81,7 +83,7 @@ def eval_command(
     increase = parse_percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase is not None else None
     if increase is not None and baseline is None:
         raise BadInput("--max-ppl-increase needs --baseline MODEL")
-    if max_ppl is not None and max_ppl <= 0:
+    if max_ppl is not None and not max_ppl > 0:  # NaN too
         raise BadInput(f"--max-ppl must be positive, got {max_ppl}")
     for name, val in (("--seqlen", seqlen), ("--batch-size", batch_size)):
         if val < 1:

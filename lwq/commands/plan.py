@@ -12,6 +12,7 @@ from lwq.allocate.plan import Plan, plan_to_dict, save_plan
 from lwq.commands.common import (
     BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, MEASURE_WITH_OPT, TIE_OPT, TARGET_OPT, CALIB_OPT, DATA_OPT,
     DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, MAX_MEMORY_OPT, parse_size, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
+    check_seed, refuse_checkpoint, resolve_seqlen,
 )
 from lwq.commands.quantize import budget_recipe
 from lwq.errors import BadInput
@@ -48,8 +49,14 @@ def plan_command(
     max_memory: Optional[str] = MAX_MEMORY_OPT, trust_remote_code: bool = TRUST_OPT, json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Plan bits per layer of MODEL under a budget; the plan is JSON you can edit and pass to `lwq quantize --plan`."""
+    if Path(output).is_dir():
+        raise BadInput(f"plan output {output} is a folder; give a file name such as plan.json")
     if Path(output).exists() and not force:
         raise BadInput(f"output {output} already exists; pass --force to replace it")
+    check_seed(seed)
+    refuse_checkpoint(model, "plan")
+    if seqlen is not None:
+        resolve_seqlen(model, seqlen, 2048)  # a given --seqlen must fit the context
     for name, val in (("--nsamples", nsamples), ("--seqlen", seqlen)):
         if val is not None and val < 1:
             raise BadInput(f"{name} must be positive, got {val}")

@@ -10,6 +10,7 @@ from rich.table import Table
 from lwq.commands.common import (
     BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, MEASURE_WITH_OPT, TIE_OPT, TARGET_OPT, CALIB_OPT, DATA_OPT,
     DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, MAX_MEMORY_OPT, JSON_OPT, parse_size, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
+    check_seed, resolve_seqlen,
 )
 from lwq.allocate.recipes import Recipe, load_recipe, merge, parse_bits
 from lwq.backends import with_grid
@@ -85,6 +86,9 @@ def quantize_command(
     modes = [m for m, v in (("--bits", bits), ("--budget", budget), ("--plan", plan_file)) if v is not None]
     if len(modes) > 1:
         raise BadInput(f"give only one of --bits, --budget, --plan (got {' and '.join(modes)})")
+    check_seed(seed)
+    if seqlen is not None:
+        resolve_seqlen(model, seqlen, 2048)  # a given --seqlen must fit the context
     for name, val in (("--nsamples", nsamples), ("--seqlen", seqlen)):
         if val is not None and val < 1:
             raise BadInput(f"{name} must be positive, got {val}")

@@ -6,7 +6,8 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from lwq.commands.common import DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, emit_json
+from lwq.commands.common import (DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, check_seed, emit_json,
+                                 refuse_checkpoint, resolve_seqlen)
 from lwq.pipeline import LoadOptions, score_layers
 from lwq.score import SCORERS, ScoreConfig, parse_methods
 from lwq.ui import err_console, out_console, progress
@@ -23,7 +24,7 @@ def score_command(
     zd_order: str = typer.Option("descending", "--zd-order", help="descending (default, agrees better with sensitivity): a high share of |z|>1 is important; ascending: a low share is."),
     metric: str = typer.Option("kl", "--metric", help="sensitivity measure: kl (to the full model) or nll (increase)."),
     nsamples: int = typer.Option(32, "--nsamples", help="Calibration windows for statistics and sensitivity."),
-    seqlen: int = typer.Option(256, "--seqlen", help="Tokens per window."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default 256, capped at the model's context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for picking the windows."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG bar chart of the scores here."),
@@ -31,6 +32,9 @@ def score_command(
 ) -> None:
     """Score and rank layers (higher score / rank 1 = more important) with lim, zd, hessian, sensitivity."""
     methods = parse_methods(method)
+    check_seed(seed)
+    refuse_checkpoint(source, "score")
+    seqlen = resolve_seqlen(model or source, seqlen, 256)
     config = ScoreConfig(granularity=granularity, bits=bits, group_size=group_size, zd_order=zd_order, metric=metric)
     if plot is not None and not plot.lower().endswith(".png"):
         from lwq.errors import BadInput

@@ -79,6 +79,8 @@ def read_results(path: str | Path) -> list[ResultRow]:
             rows.append(ResultRow(str(it["label"]), float(it["bits_per_weight"]), float(it["perplexity"]), str(p)))
         except (KeyError, TypeError, ValueError):
             raise BadInput(f"{p}: row {i} needs label, bits_per_weight and perplexity (numbers)") from None
+        if not (math.isfinite(rows[-1].perplexity) and math.isfinite(rows[-1].bits_per_weight)):
+            raise BadInput(f"{p}: row {i} ({rows[-1].label}): perplexity and bits_per_weight must be finite numbers")
     return rows
 
 
@@ -124,7 +126,10 @@ def _checkpoint_section(folder: Path, label: str, out: Path) -> tuple[dict[str, 
     from lwq.allocate.plot import plot_bits
     from lwq.eval.plots import plot_scores
 
-    plan = checkpoint_plan(folder)
+    try:
+        plan = checkpoint_plan(folder)
+    except BadInput as e:
+        raise BadInput(f"{folder}: not an lwq checkpoint ({e})") from None
     figures = {"bits": str(plot_bits(plan, out / f"bits-{label}.png", title=f"bits per layer: {label}"))}
     if (folder / SCORES_FILE).is_file():
         doc = _read_json(folder / SCORES_FILE)

@@ -207,3 +207,19 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
         )
     except (OSError, ValueError, TypeError) as exc:
         raise BadInput(f"cannot load a tokenizer for {name}: {' '.join(str(exc).split())[:200]}") from None
+
+
+def check_finite_weights(model: Any) -> None:
+    """Refuse (one line naming the modules) a loaded model whose floating weights hold NaN or Inf;
+    tensors still on the meta device (read later, block by block) are checked when they are read."""
+    import torch
+
+    bad = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            bad.append(name.rpartition(".")[0] or name)
+    if bad:
+        bad = list(dict.fromkeys(bad))
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise BadInput(f"non-finite (NaN/Inf) weights in {', '.join(bad[:3])}{more}")
+

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from lwq.calib.data import load_text, tokenize
 from lwq.eval.perplexity import PplResult, perplexity
-from lwq.models.load import load_model, load_tokenizer
+from lwq.models.load import check_finite_weights, load_model, load_tokenizer
 
 Progress = Callable[[int, int], None]
 
@@ -42,6 +42,7 @@ def evaluate_ppl(
             return perplexity_by_blocks(model, ids, seqlen, stride, max_windows, batch_size, on_step,
                                         placement.device, placement.loader)
         model = load_model(model_name, load.dtype, load.device, load.trust_remote_code)
+    check_finite_weights(model)
     return perplexity(model, ids, seqlen, stride, max_windows, batch_size, on_step)
 
 

@@ -30,7 +30,7 @@ def plan_for_model(
 
     from lwq.calib.store import load_calib
     from lwq.errors import BadInput
-    from lwq.models.load import resolve_device, resolve_dtype
+    from lwq.models.load import check_finite_weights, resolve_device, resolve_dtype
     from lwq.models.placement import place
     from lwq.planning import check_feasible, plan_model
     from lwq.score import SCORERS
@@ -46,6 +46,7 @@ def plan_for_model(
     if model is None:
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
     check_feasible(model, recipe)  # before calibration
+    check_finite_weights(model)
     measure = None
     if len(devices) > 1:
         from lwq.measure import ModelSource, parallel_measure
