@@ -129,7 +129,7 @@ def test_cli_calibrate_json_and_folder(tiny: tuple[str, str], tmp_path: Path, ca
 
 @pytest.mark.parametrize("extra, message", [
     (["--nsamples", "0"], "nsamples must be positive"),
-    (["--seqlen", "100000"], "fewer than one window"),
+    (["--seqlen", "100000"], "exceeds the context"),
 ])
 def test_cli_calibrate_bad_input(tiny: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                  extra: list[str], message: str) -> None:

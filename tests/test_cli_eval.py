@@ -66,7 +66,7 @@ def test_eval_gate_fails_against_better_baseline(tiny: tuple[str, str], tmp_path
     (["eval", "{model}", "--max-ppl-increase", "lots", "--baseline", "{model}"], "percentage"),
     (["eval", "{model}", "--max-ppl-increase", "5%"], "needs --baseline"),
     (["eval", "{model}", "--data", "/no/such.txt"], "no such text source"),
-    (["eval", "{model}", "--data", "{text}", "--seqlen", "100000"], "fewer than one window"),
+    (["eval", "{model}", "--data", "{text}", "--seqlen", "100000"], "exceeds the context"),
     (["eval", "{model}", "--data", "{text}", "--stride", "0"], "stride"),
     (["info", "/no/such/path"], "no such model path"),
 ])

@@ -169,7 +169,7 @@ def test_cli_score_from_calibration_folder(tiny: tuple[str, str], tmp_path: Path
 @pytest.mark.parametrize("argv, message", [
     (["--method", "lim,magic"], "valid: hessian, lim, sensitivity, zd"),
     (["--method", "lim", "--nsamples", "0"], "nsamples must be positive"),
-    (["--method", "sensitivity", "--seqlen", "100000"], "fewer than one window"),
+    (["--method", "sensitivity", "--seqlen", "100000"], "exceeds the context"),
     (["--method", "lim", "--granularity", "row"], "granularity"),
 ])
 def test_cli_score_bad_input(tiny: tuple[str, str], capsys: pytest.CaptureFixture[str], argv: list[str],
