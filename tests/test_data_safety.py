@@ -221,3 +221,21 @@ def test_backtracking_plan_regex_is_refused_in_bounded_time(tiny, tmp_path, caps
     t0 = time.monotonic()
     assert plan_mod._matches(classic, "re:...", "model.layers.10.self_attn.o_proj" * 3, "plan") is False
     assert time.monotonic() - t0 < 1.0
+
+
+def test_library_warnings_never_precede_the_error_line(tiny, monkeypatch, capsys):
+    """A third-party FutureWarning raised on the way to a refusal is not printed: the error is the
+    only line on stderr."""
+    import warnings
+
+    import lwq.commands.info as info
+    from lwq.errors import BadInput
+
+    def noisy(*a, **k):
+        warnings.warn("`foo` is deprecated and will be removed in v9", FutureWarning)
+        warnings.warn("some library advice", UserWarning)
+        raise BadInput("the refusal")
+
+    monkeypatch.setattr(info, "load_model", noisy)
+    assert run(["info", str(tiny / "model")]) == 2
+    assert capsys.readouterr().err == "error: the refusal\n"
