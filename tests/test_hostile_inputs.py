@@ -222,3 +222,22 @@ def test_paths_that_are_not_utf8_are_named(root, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "is not valid UTF-8" in err and "\\udc" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [os.path.basename(src)]
+
+
+def test_info_describes_a_checkpoint(root, capsys):
+    assert run(["info", str(root / "ckpt"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["num_blocks"] == 2 and doc["num_linears"] == 14
+
+
+def test_corrupt_block_in_a_calibration_folder_is_bad_input(root, tmp_path, capsys):
+    cal = tmp_path / "cal"
+    assert run(["calibrate", str(root / "good"), "--data", str(root / "text.txt"), *SMALL, "-o", str(cal),
+                *QUICK]) == 0
+    block = next(cal.glob("*.safetensors"))
+    block.write_bytes(os.urandom(300))
+    capsys.readouterr()
+    assert run(["plan", str(root / "good"), "--budget", "4bit", "--calib", str(cal), "--scorer", "hessian",
+                "-o", str(tmp_path / "p.json"), *DATA, *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot read the tensors of" in err and not (tmp_path / "p.json").exists()

@@ -35,6 +35,21 @@ def model_info(model: Any, group_size: int = 128) -> dict[str, Any]:
     }
 
 
+def _model(model: str, trust_remote_code: bool) -> Any:
+    """The model to describe: loaded, or for an lwq checkpoint (verified against its manifest) its
+    architecture on the meta device (the original shapes; what the plan made of them is in
+    config.json's quantization_config and ``lwq report``)."""
+    from lwq.models.load import is_lwq_checkpoint, looks_local, read_config
+
+    if looks_local(model) and is_lwq_checkpoint(model):
+        from lwq.formats.checkpoint import verify_manifest
+        from lwq.formats.export_io import meta_model
+
+        verify_manifest(model)
+        return meta_model(read_config(model))
+    return load_model(model, "float32", "cpu", trust_remote_code)
+
+
 def info_command(
     model: str = typer.Argument(..., help="Model folder or hub id."),
     group_size: int = typer.Option(128, "--group-size", help="Group size for the size estimates."),
@@ -42,7 +57,7 @@ def info_command(
 ) -> None:
     """Architecture, decoder blocks, linears, parameter count and size at 16/8/4/3/2 bits."""
     LayerSpec(group_size=group_size)  # validates the group size with a clear error
-    doc = {"model": model, **model_info(load_model(model, "float32", "cpu", trust_remote_code), group_size)}
+    doc = {"model": model, **model_info(_model(model, trust_remote_code), group_size)}
     if json_out:
         emit_json(doc)
         return
