@@ -68,6 +68,9 @@ def measured_errors(model: nn.Module, samples: torch.Tensor | None, layers: list
     from lwq.measure import make_tasks, measure_local
 
     entries = {n: dict(e) for n, e in (db.entries if db is not None else {}).items()}
+    if db is not None and db.entries and db.meta.get("estimate", "sensitivity") != "sensitivity":
+        raise BadInput(f"the error database holds {db.meta['estimate']} estimates, not measured sensitivity: "
+                       "use another --error-db file (or the scorer it was made with)")
     made = db.meta.get("trials", "rtn") if db is not None else trials  # older databases did not record it: rtn
     if entries and made != trials:
         raise BadInput(f"the error database was measured with {made} trials, not {trials}: "
@@ -142,6 +145,11 @@ def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, 
     scorer = SCORERS.get(recipe.scorer)
     if recipe.scorer == "sensitivity":
         return measured_errors(model, samples, layers, db, on_step, measure, placement, recipe.measure_with)
+    if recipe.scorer == "linearity":
+        from lwq.score.linearity import linearity_errors
+
+        return linearity_errors(model, samples, layers, db, on_step, (placement or _where(model)).device,
+                                recipe.measure_with)
     placement = placement or _where(model)
     device = placement.device
     if stats is None and scorer.needs & {"stats", "hessians"}:

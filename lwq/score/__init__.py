@@ -8,6 +8,7 @@ from lwq.registry import Registry
 from lwq.score.base import GRANULARITIES, Scorer, ScoreConfig, ScoreInputs, Scores, ranks
 from lwq.score.hessian import HESSIAN
 from lwq.score.lim import LIM
+from lwq.score.linearity import LINEARITY
 from lwq.score.sensitivity import SENSITIVITY
 from lwq.score.zd import ZD
 
@@ -16,6 +17,7 @@ SCORERS.add("lim", LIM)
 SCORERS.add("zd", ZD)
 SCORERS.add("hessian", HESSIAN)
 SCORERS.add("sensitivity", SENSITIVITY)
+SCORERS.add("linearity", LINEARITY)
 
 
 def parse_methods(text: str) -> list[str]:
