@@ -42,14 +42,14 @@ MIXED_PLAN = {"version": 1, "default": {"bits": 4, "group_size": 128, "backend":
               "layers": {"re:.*mlp.*": {"bits": 3}}}
 
 
-def make_model(folder: Path, blocks: int) -> None:
+def make_model(folder: Path, blocks: int, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> None:
     """Save a random llama of ``blocks`` blocks and a word-level tokenizer to ``folder``."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("llama", num_hidden_layers=blocks, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+    cfg = AutoConfig.for_model("llama", num_hidden_layers=blocks, hidden_size=hidden, intermediate_size=intermediate,
                                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
                                max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder), safe_serialization=True)
@@ -80,10 +80,10 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq,rtn-eager")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "depth.json"))
-    ap.add_argument("--make", nargs=2, metavar=("FOLDER", "BLOCKS"), help=argparse.SUPPRESS)
+    ap.add_argument("--make", nargs="+", metavar="FOLDER BLOCKS [HIDDEN INTERMEDIATE]", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make:  # in a child process, so this one stays small: a forked child starts with our memory
-        make_model(Path(args.make[0]), int(args.make[1]))
+        make_model(Path(args.make[0]), *map(int, args.make[1:]))
         return
     depths = [int(d) for d in args.depths.split(",")]
     methods = args.methods.split(",")
