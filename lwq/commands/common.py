@@ -87,7 +87,7 @@ def fmt_bytes(n: float) -> str:
 BUDGET_OPT = typer.Option(None, "--budget", help="3.25bit (real bits per weight), 4GB / 3.5GiB (checkpoint bytes) or 0.25x (of fp16).")
 CONFIG_OPT = typer.Option(None, "--config", help="A YAML recipe (configs/*.yaml); flags override it.")
 SOLVER_OPT = typer.Option(None, "--solver", help="order (the paper), random, dp (default), ilp, search.")
-SCORER_OPT = typer.Option(None, "--scorer", help="Error estimate: sensitivity (measured, default), hessian, lim, zd.")
+SCORER_OPT = typer.Option(None, "--scorer", help="Error estimate: sensitivity (measured, default), linearity (a_l * t^2, linear in depth), hessian, lim, zd.")
 CANDIDATE_BITS_OPT = typer.Option(None, "--candidate-bits", help="Bit widths the solver may choose from (default 2,3,4,6,8).")
 MEASURE_WITH_OPT = typer.Option(None, "--measure-with", help="Measured estimate: quantize each trial as the checkpoint will hold it (backend: the candidate's backend and format, GPTQ included; the default) or with round-to-nearest (rtn: faster, rougher).")
 TIE_OPT = typer.Option(None, "--tie", help="dp or ilp: none, fused (q/k/v and gate/up share one spec, as vLLM needs) or block.")
