@@ -167,7 +167,7 @@ def test_cli_score_from_calibration_folder(tiny: tuple[str, str], tmp_path: Path
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "lim,magic"], "valid: hessian, lim, sensitivity, zd"),
+    (["--method", "lim,magic"], "valid: hessian, lim, linearity, sensitivity, zd"),
     (["--method", "lim", "--nsamples", "0"], "nsamples must be positive"),
     (["--method", "sensitivity", "--seqlen", "100000"], "exceeds the context"),
     (["--method", "lim", "--granularity", "row"], "granularity"),
