@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from versus import PPL_CODE, ROOT, SHARED
+from versus import PPL_CODE, ROOT, SHARED, run_lwq
 
 CT_DRIVER = PPL_CODE + r'''
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,13 +72,6 @@ def drive(python: str, code: str, args: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def lwq(*args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "lwq", *args, "-q"], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if r.returncode != 0:
-        raise SystemExit(f"lwq {' '.join(args)}: {r.stderr.strip().splitlines()[-1]}")
-
-
 def default_checkpoints(a: argparse.Namespace, tmp: Path) -> dict[str, Path]:
     common = ["--group-size", "64", "--data", a.calib, "--nsamples", str(a.nsamples), "--seqlen", "256"]
     runs = {"w4-asym": ["--bits", "4", "--backend", "gptq"],
@@ -88,7 +81,7 @@ def default_checkpoints(a: argparse.Namespace, tmp: Path) -> dict[str, Path]:
     for name, flags in runs.items():
         out[name] = tmp / name
         print(f"quantizing {name} ...", flush=True)
-        lwq("quantize", a.model, "-o", str(out[name]), *common, *flags)
+        run_lwq("quantize", a.model, "-o", str(out[name]), *common, *flags, "-q")
     return out
 
 
@@ -115,9 +108,10 @@ def main() -> None:
             rows.append({"checkpoint": name, "export": "-", "client": "lwq", "ppl": ref, "rel": 0.0})
             _show(rows[-1])
             exports = {"gptq": tmp / f"{name}-gptq", "compressed-tensors": tmp / f"{name}-ct"}
-            lwq("export", str(ck), "--format", "gptq", "--target", "gptqmodel", "-o", str(exports["gptq"]))
+            run_lwq("export", str(ck), "--format", "gptq", "--target", "gptqmodel", "-o", str(exports["gptq"]), "-q")
             try:
-                lwq("export", str(ck), "--format", "compressed-tensors", "-o", str(exports["compressed-tensors"]))
+                run_lwq("export", str(ck), "--format", "compressed-tensors", "-o", str(exports["compressed-tensors"]),
+                        "-q")
             except SystemExit as e:
                 exports.pop("compressed-tensors")
                 rows.append({"checkpoint": name, "export": "compressed-tensors", "client": "lwq export",

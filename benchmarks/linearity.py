@@ -13,29 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+from versus import ROOT, SHARED
+from versus import run_lwq as lwq
 FIXTURES = {  # model, calibration text, evaluation text, group size
     "docs8": ("fixtures/docs8", "data/docs-calib.txt", "data/docs-eval.txt", 64),
     "stories260k": ("fixtures/stories260k", "data/tinystories/calib.txt", "data/tinystories/valid-head.txt", 32),
 }
-
-
-def lwq(*args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "lwq", *args], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if r.returncode != 0:
-        raise SystemExit(f"lwq {' '.join(args[:3])}: {r.stderr.strip().splitlines()[-1]}")
-    return r.stdout
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -138,6 +138,15 @@ print(json.dumps({"ppl": perplexity(model, tok, a["eval"], a["eval_seqlen"]), "b
 '''
 
 
+def run_lwq(*args: str) -> str:
+    """``python -m lwq ARGS`` from this checkout; its stdout, or exit with its one-line error."""
+    r = subprocess.run([sys.executable, "-m", "lwq", *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if r.returncode != 0:
+        raise SystemExit(f"lwq {' '.join(args[:3])}: {r.stderr.strip().splitlines()[-1]}")
+    return r.stdout
+
+
 def drive(python: str, code: str, args: dict, timeout: float = 7200) -> dict:
     """Run one driver in ``python``; its last stdout line is its JSON result."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}

@@ -10,8 +10,6 @@ empty folder too; any other existing folder is refused, ``--force`` or not.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,24 +56,18 @@ def run_demo(folder: Path, out: str, force: bool = False, log: Log = lambda _m: 
 
 
 def _run(folder: Path, final: Path, log: Log) -> dict[str, Any]:
-    from lwq.outputs import swap_in
+    from lwq.outputs import publish
 
     model = str(folder / "model")
     calib, held = folder / "calib.txt", folder / "eval.txt"
-    dest = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    try:
-        result = _steps(model, calib, held, dest, log)
-        _relocate(dest, final)
-        entries = sorted(p.name for p in dest.iterdir())
-        (dest / MARKER).write_text(json.dumps({"written_by": "lwq demo", "files": entries}) + "\n")
-        swap_in(dest, final)
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
-    text = json.dumps(result).replace(str(dest), str(final))
-    return json.loads(text)
+    built: dict[str, Any] = {}
+
+    def build(tmp: Path) -> None:
+        built["tmp"], built["result"] = tmp, _steps(model, calib, held, tmp, log)
+        _relocate(tmp, final)
+
+    publish(final, build, "demo", {"written_by": "lwq demo"})
+    return json.loads(json.dumps(built["result"]).replace(str(built["tmp"]), str(final)))
 
 
 def _relocate(tmp: Path, final: Path) -> None:

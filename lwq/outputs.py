@@ -147,12 +147,31 @@ def swap_in(tmp: Path, out: Path) -> None:
         old.unlink()
 
 
+def remove_stale(parent: Path, prefix: str) -> None:
+    """Remove hidden build folders ``PREFIX<pid>`` left by killed writers (their process is gone)."""
+    for p in parent.glob(prefix + "*"):
+        pid = p.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def publish(out: Path, build: Callable[[Path], None], kind: str, marker: dict[str, Any] | None = None) -> list[str]:
     """Build the output in a hidden sibling (``build(folder)``), write the kind's marker listing the
     entries (unless ``build`` wrote the marker itself: ``marker`` None), rename it into place; returns
     the entries. Call it under an ``OutputLock`` after ``check_output``."""
     k = KINDS.get(kind)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out.parent, f".{out.name}.tmp-")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -59,7 +59,8 @@ def export_command(
     from lwq import __version__
     from lwq.formats.ct_export import export_compressed_tensors, require_library
     from lwq.formats.export import export_gptq
-    from lwq.formats.export_io import check_export_output, open_source
+    from lwq.formats.export_io import open_source
+    from lwq.outputs import check_output
 
     from lwq.formats.targets import FORMAT_NAMES, TARGETS
 
@@ -68,7 +69,7 @@ def export_command(
     if target is not None:
         TARGETS.get(target)
     src = open_source(checkpoint)
-    out = check_export_output(src.path, output, force)
+    out = check_output(output, "export", force, inputs=[src.path])
     fmt, target = resolve(fmt, target, src)
     if fmt == "compressed-tensors":
         require_library()

@@ -103,7 +103,7 @@ def ct_config(layers: Mapping[str, LayerExport]) -> dict[str, Any]:
 
 def export_compressed_tensors(source: str | Source, output: Path, target: str = "transformers", fix: bool = False,
                               version: str = "0") -> dict[str, Any]:
-    """Export ``source`` to ``output`` (already checked by ``check_export_output``); returns a JSON-able
+    """Export ``source`` to ``output`` (already checked by ``lwq.outputs.check_output``); returns a JSON-able
     summary: schemes, what happened to each layer, notes."""
     require_library()
     src = open_source(source) if isinstance(source, str) else source

@@ -105,7 +105,7 @@ def _layer_tensors(x: LayerExport, src: dict[str, torch.Tensor], shape: tuple[in
 
 def export_gptq(source: str | Source, output: Path, target: str = "gptqmodel", fix: bool = False,
                 version: str = "0") -> dict[str, Any]:
-    """Export ``source`` to ``output`` (already checked by ``check_export_output``) as GPTQ (module
+    """Export ``source`` to ``output`` (already checked by ``lwq.outputs.check_output``) as GPTQ (module
     docstring); returns a JSON-able summary (default, dynamic, what happened to each layer, notes)."""
     tgt = TARGETS.get(target)
     src = open_source(source) if isinstance(source, str) else source

@@ -106,14 +106,6 @@ def open_source(source: str) -> Source:
                   frozenset(n for n, m in modules.items() if type(m).__name__ == "Conv1D"), groups, tuple(files))
 
 
-def check_export_output(src: Path, output: str, force: bool) -> Path:
-    """The output folder after the one output rule (``lwq.outputs``): never the checkpoint, a folder
-    holding it or one inside it; ``force`` replaces only an earlier export or an empty folder."""
-    from lwq.outputs import check_output
-
-    return check_output(output, "export", force, inputs=[src])
-
-
 def publish(out: Path, write: Callable[[Path], None], marker: dict[str, Any]) -> list[str]:
     """Build the export beside ``out`` and rename it into place under the output lock (``lwq.outputs``)."""
     from lwq.outputs import OutputLock, publish as publish_folder
