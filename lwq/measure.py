@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import queue
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from lwq.errors import BadInput, LwqError
+from lwq.models.arch import get_blocks
 from lwq.spec import LayerSpec
 
 Progress = Callable[[int, int], None]
@@ -124,18 +126,17 @@ def parse_devices(text: str | None) -> list[str]:
     return out
 
 
-def _worker(source: ModelSource, device: str, threads: int, samples: torch.Tensor, tasks: Any, results: Any,
-            follow_backend: bool = False) -> None:
-    """A worker process: load the model on ``device``, then measure tasks until a ``None`` arrives.
-    Sends ``("ok", task index, values)`` per task, or ``("error", device, message, exit code, traceback)``."""
+def _worker(source: ModelSource, device: str, threads: int, make_runner: Callable[..., Callable[[Any], Any]],
+            args: tuple[Any, ...], tasks: Any, results: Any) -> None:
+    """A worker process: load the model on ``device``, build ``make_runner(model, placement, *args)``
+    and run it on tasks until a ``None`` arrives. Sends ``("ok", task index, result)`` per task, or
+    ``("error", device, message, exit code, traceback)``."""
     try:
         torch.set_num_threads(threads)
-        from lwq.score.sensitivity import SensitivityProbe
-
         model, placement = _load_placed(source, torch.device(device))
-        probe = SensitivityProbe(model, samples, device=placement.device, loader=placement.loader)
+        run = make_runner(model, placement, *args)
         for index, task in iter(tasks.get, None):
-            results.put(("ok", index, run_task(probe, task, follow_backend)))
+            results.put(("ok", index, run(task)))
     except BaseException as exc:  # reported to the parent, which raises it; nothing is swallowed
         known = isinstance(exc, LwqError)
         text = str(exc) if known else f"{type(exc).__name__}: {exc}"
@@ -153,22 +154,30 @@ def _load_placed(source: ModelSource, device: torch.device) -> tuple[torch.nn.Mo
     return model, place(model, device, loader, source.max_memory)
 
 
-def measure_parallel(source: ModelSource, samples: torch.Tensor, tasks: Sequence[MeasureTask], devices: Sequence[str],
-                     on_step: Progress | None = None, follow_backend: bool = False) -> Entries:
-    """Run ``tasks`` on one worker process per entry of ``devices`` (see module docstring)."""
+def _sensitivity_runner(model: torch.nn.Module, placement: Any, samples: torch.Tensor,
+                        follow_backend: bool) -> Callable[[MeasureTask], dict[str, float]]:
+    from lwq.score.sensitivity import SensitivityProbe
+
+    probe = SensitivityProbe(model, samples, device=placement.device, loader=placement.loader)
+    return lambda task: run_task(probe, task, follow_backend)
+
+
+def run_parallel(source: ModelSource, devices: Sequence[str], make_runner: Callable[..., Callable[[Any], Any]],
+                 args: tuple[Any, ...], tasks: Sequence[Any], on_step: Progress | None = None) -> list[Any]:
+    """``tasks`` run on one worker process per entry of ``devices``, each with its own copy of the
+    model and ``make_runner(model, placement, *args)`` (a module-level function: workers are
+    spawned); the results in task order."""
     import multiprocessing as mp
 
-    from lwq.allocate.candidates import spec_key
-
-    entries: Entries = {}
+    out: list[Any] = [None] * len(tasks)
     if not tasks:
-        return entries
+        return out
     ctx = mp.get_context("spawn")
     todo, results = ctx.Queue(), ctx.Queue()
     for item in enumerate(tasks):
         todo.put(item)
     threads = max(1, (os.cpu_count() or 1) // len(devices))  # the host's cores, shared by the workers
-    procs = [ctx.Process(target=_worker, args=(source, d, threads, samples, todo, results, follow_backend), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(source, d, threads, make_runner, args, todo, results), daemon=True)
              for d in devices]
     for _ in procs:
         todo.put(None)
@@ -193,9 +202,8 @@ def measure_parallel(source: ModelSource, samples: torch.Tensor, tasks: Sequence
             if msg[0] == "error":
                 _, dev, text, code, tb = msg
                 raise LwqError(f"measuring on {dev} failed: {text}", code) from RuntimeError(tb)
-            _, index, values = msg
-            for name, v in values.items():
-                entries.setdefault(name, {})[spec_key(tasks[index].spec)] = v
+            _, index, value = msg
+            out[index] = value
             done += 1
             if on_step is not None:
                 on_step(done, len(tasks))
@@ -204,24 +212,85 @@ def measure_parallel(source: ModelSource, samples: torch.Tensor, tasks: Sequence
             if p.is_alive():
                 p.terminate()
             p.join(timeout=10)
+    return out
+
+
+def measure_parallel(source: ModelSource, samples: torch.Tensor, tasks: Sequence[MeasureTask], devices: Sequence[str],
+                     on_step: Progress | None = None, follow_backend: bool = False) -> Entries:
+    """Run ``tasks`` on one worker process per entry of ``devices`` (see module docstring)."""
+    from lwq.allocate.candidates import spec_key
+
+    entries: Entries = {}
+    values = run_parallel(source, devices, _sensitivity_runner, (samples, follow_backend), tasks, on_step)
+    for task, got in zip(tasks, values):
+        for name, v in got.items():
+            entries.setdefault(name, {})[spec_key(task.spec)] = v
     return entries
 
 
-def parallel_measure(source: ModelSource, devices: Sequence[str]) -> Callable[..., Entries]:
-    """A ``measure`` for ``lwq.planning.measured_errors`` that runs on worker processes on ``devices``;
-    the caller's copy of the model waits on the CPU meanwhile (so a GPU never holds two copies)."""
+def _fisher_runner(model: torch.nn.Module, placement: Any, samples: torch.Tensor, specs: Mapping[str, Any],
+                   trials: str, shares: int) -> Callable[[int], Any]:
+    """Task ``k``: the linearity pass with the trials of blocks ``i % shares == k``."""
+    from lwq.score.fisher import fisher_pass
+    from lwq.score.linearity import NOISE_LEVEL, NOISE_SEEDS, make_trial, needs_hessians
 
-    def measure(model: torch.nn.Module, samples: torch.Tensor, tasks: Sequence[MeasureTask],
-                on_step: Progress | None = None, placement: Any = None, follow_backend: bool = False) -> Entries:
-        from lwq.models.placement import Placement, park, unpark
+    nblocks = len(get_blocks(model))
 
+    def run(k: int) -> Any:
+        mine = [i for i in range(nblocks) if i % shares == k]
+        got = fisher_pass(model, samples, list(specs), placement.device, placement.loader, NOISE_LEVEL, NOISE_SEEDS,
+                          make_trial(specs, trials), mine, needs_hessians(specs, trials))
+        # plain floats: a tensor would travel as shared memory that dies with the worker
+        return {n: s.tolist() for n, s in got.sums.items()}, got.trials, got.tokens
+
+    return run
+
+
+@dataclass(frozen=True)
+class ParallelMeasure:
+    """How planning's estimates run on worker processes on ``devices``, each loading ``source``; the
+    caller's copy of the model waits on the CPU meanwhile (so a GPU never holds two copies).
+    Called, it is a ``measure`` for ``lwq.planning.measured_errors``; ``fisher`` runs the linearity
+    pass (``lwq.score.fisher``) with the trials spread by block over the workers (every worker runs
+    the same pass on the same windows, so the coefficients are the first worker's, as on one device)."""
+
+    source: ModelSource
+    devices: tuple[str, ...]
+
+    def __call__(self, model: torch.nn.Module, samples: torch.Tensor, tasks: Sequence[MeasureTask],
+                 on_step: Progress | None = None, placement: Any = None, follow_backend: bool = False) -> Entries:
         if not tasks:
             return {}
-        placement = placement or Placement(next(model.parameters()).device)
-        park(model, placement)
-        try:
-            return measure_parallel(source, samples.cpu(), tasks, devices, on_step, follow_backend)
-        finally:
-            unpark(model, placement)
+        with _parked(model, placement):
+            return measure_parallel(self.source, samples.cpu(), tasks, self.devices, on_step, follow_backend)
 
-    return measure
+    def fisher(self, model: torch.nn.Module, samples: torch.Tensor, specs: Mapping[str, Any], trials: str,
+               placement: Any = None, on_step: Progress | None = None) -> Any:
+        from lwq.score.fisher import FisherResult
+
+        n = len(self.devices)
+        with _parked(model, placement):
+            parts = run_parallel(self.source, self.devices, _fisher_runner, (samples.cpu(), dict(specs), trials, n),
+                                 list(range(n)), on_step)
+        merged: dict[str, dict[str, float]] = {}
+        for _sums, part, _tokens in parts:
+            merged.update(part)
+        sums, _, tokens = parts[0]
+        return FisherResult({n: torch.tensor(v, dtype=torch.float64) for n, v in sums.items()}, merged, tokens)
+
+
+@contextmanager
+def _parked(model: torch.nn.Module, placement: Any) -> Iterator[None]:
+    from lwq.models.placement import Placement, park, unpark
+
+    placement = placement or Placement(next(model.parameters()).device)
+    park(model, placement)
+    try:
+        yield
+    finally:
+        unpark(model, placement)
+
+
+def parallel_measure(source: ModelSource, devices: Sequence[str]) -> ParallelMeasure:
+    """The ``ParallelMeasure`` of ``source`` on ``devices``."""
+    return ParallelMeasure(source, tuple(devices))

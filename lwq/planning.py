@@ -146,10 +146,11 @@ def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, 
     if recipe.scorer == "sensitivity":
         return measured_errors(model, samples, layers, db, on_step, measure, placement, recipe.measure_with)
     if recipe.scorer == "linearity":
+        from lwq.measure import ParallelMeasure
         from lwq.score.linearity import linearity_errors
 
-        return linearity_errors(model, samples, layers, db, on_step, (placement or _where(model)).device,
-                                recipe.measure_with)
+        return linearity_errors(model, samples, layers, db, on_step, placement or _where(model), recipe.measure_with,
+                                measure if isinstance(measure, ParallelMeasure) else None)
     placement = placement or _where(model)
     device = placement.device
     if stats is None and scorer.needs & {"stats", "hessians"}:

@@ -81,9 +81,9 @@ def plan_for_model(
 
 def reads_blocks_only(recipe: Any, data: str | None, calib: str | None, load: LoadOptions) -> bool:
     """Whether planning under ``recipe`` can read the model one block at a time (``lwq.models.lazy``):
-    the measured or ``lim`` estimates with a non-search solver on real calibration text. Sampling text
+    the measured, linearity or ``lim`` estimates with a non-search solver on real calibration text. Sampling text
     from the model, the ``search`` solver and the weight-based scorers need it whole."""
     from lwq.calib.data import SELF_DATA
 
-    return (recipe.scorer in ("sensitivity", "lim") and recipe.solver != "search" and calib is None
+    return (recipe.scorer in ("sensitivity", "linearity", "lim") and recipe.solver != "search" and calib is None
             and data not in (None, SELF_DATA) and not load.trust_remote_code)
