@@ -7,37 +7,16 @@ and a 2-bit plane, contiguous groups, zero points as uint8 or the symmetric cons
 ``SPLIT_K > 1`` splits the K loop across programs that ``atomic_add`` into an fp32 output: the
 decode (M <= 16) variant. Imported lazily (see ``lwq.kernels.runtime``).
 
-The kernels use only Triton builtins and their own ``@triton.jit`` helpers, no ``triton.language.standard``
-function (``tl.cdiv``, ``tl.zeros``, ``tl.max``): those are jitted when ``triton`` is first imported, so
-under an interpreter switched on after that import they would not run.
+The weight unpacking, tile offsets and output store are the ``@triton.jit`` helpers of
+``lwq.kernels.triton_common``, shared with the int8 GEMM; no ``triton.language.standard`` function is
+used (see there).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def load_codes(w_ptr, hi_ptr, offs_k, offs_n, mask, N, BITS: tl.constexpr):
-    """Unsigned codes [BLOCK_K, BLOCK_N] of rows ``offs_k`` and columns ``offs_n`` (int32)."""
-    if BITS == 6:
-        lo = tl.load(w_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask, other=0)
-        hi = tl.load(hi_ptr + (offs_k[:, None] // 16) * N + offs_n[None, :], mask=mask, other=0)
-        q = ((lo >> ((offs_k[:, None] % 8) * 4)) & 15) | (((hi >> ((offs_k[:, None] % 16) * 2)) & 3) << 4)
-    else:
-        PER: tl.constexpr = 32 // BITS
-        w = tl.load(w_ptr + (offs_k[:, None] // PER) * N + offs_n[None, :], mask=mask, other=0)
-        q = (w >> ((offs_k[:, None] % PER) * BITS)) & ((1 << BITS) - 1)
-    return q
-
-
-@triton.jit
-def round_bf16(v):
-    """fp32 values rounded to the nearest bf16 (ties to even), kept in fp32: the interpreter's own
-    fp32 -> bf16 cast truncates, so under ``EMULATE_BF16`` casts go through this exact bit trick."""
-    b = v.to(tl.int32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-    return b.to(tl.float32, bitcast=True)
+from lwq.kernels.triton_common import load_k_tile, round_bf16, store_tile, tile_offsets
 
 
 @triton.jit
@@ -50,25 +29,11 @@ def wa16_kernel(x_ptr, w_ptr, hi_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr,
     2: uint8 zeros [groups, N]. Without ``HAS_GIDX`` the group of column k is ``k // GROUP``.
     ``EMULATE_BF16`` (set under the interpreter, whose bf16 dot and casts are wrong) rounds to bf16 with
     ``round_bf16`` and multiplies the bf16 values in fp32 (the same products)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    tiles = (K + BLOCK_K - 1) // BLOCK_K
-    per_split = (tiles + SPLIT_K - 1) // SPLIT_K
-    t0 = pid_k * per_split
-    t1 = tl.minimum(t0 + per_split, tiles)
+    offs_m, offs_n, mask_m, mask_n, t0, t1 = tile_offsets(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for t in range(t0, t1):
-        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        mask_w = mask_k[:, None] & mask_n[None, :]
-        q = load_codes(w_ptr, hi_ptr, offs_k, offs_n, mask_w, N, BITS)
+        x, q, offs_k, mask_k, mask_w = load_k_tile(x_ptr, stride_xm, w_ptr, hi_ptr, offs_m, offs_n, mask_m, mask_n,
+                                                   t, K, N, BITS, BLOCK_K)
         if HAS_GIDX:
             g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
         else:
@@ -91,11 +56,4 @@ def wa16_kernel(x_ptr, w_ptr, hi_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr,
             acc = tl.dot(x.to(tl.float32), w, acc=acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w.to(x.dtype, fp_downcast_rounding="rtne"), acc=acc)
-    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    mask_o = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        if EMULATE_BF16:
-            acc = round_bf16(acc)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding=ROUNDING), mask=mask_o)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=mask_o)
+    store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, N, SPLIT_K, EMULATE_BF16, ROUNDING)
