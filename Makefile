@@ -27,5 +27,11 @@ test-fast: install
 bench-kernels: install
 	$(BIN)/python benchmarks/kernels.py
 
+# ruff (fetched on first use) and the structure test: no import circles, imports only run down the layers
+lint: install
+	$(BIN)/python -m ruff --version >/dev/null 2>&1 || $(BIN)/pip install -q ruff
+	$(BIN)/python -m ruff check lwq tests benchmarks
+	$(BIN)/python -m pytest -q tests/test_structure.py
+
 clean:
 	rm -rf $(VENV) lwq-demo benchmarks/out .pytest_cache

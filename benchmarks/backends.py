@@ -21,7 +21,8 @@ from lwq.calib.data import load_text, tokenize  # noqa: E402
 from lwq.eval.perplexity import perplexity  # noqa: E402
 from lwq.formats.checkpoint import load_checkpoint  # noqa: E402
 from lwq.models.arch import linear_names  # noqa: E402
-from lwq.models.load import load_model, load_tokenizer  # noqa: E402
+from lwq.models.load import load_tokenizer  # noqa: E402
+from lwq.pipeline.load import load_model  # noqa: E402
 from lwq.pipeline import LoadOptions, quantize_to_checkpoint  # noqa: E402
 from lwq.spec import make_spec  # noqa: E402
 

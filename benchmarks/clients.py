@@ -25,10 +25,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from versus import PPL_CODE, ROOT, SHARED, run_lwq
+from versus import PPL_CODE, ROOT, bench_parser, run_lwq, scratch
 
 CT_DRIVER = PPL_CODE + r'''
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,20 +85,13 @@ def default_checkpoints(a: argparse.Namespace, tmp: Path) -> dict[str, Path]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(SHARED / "fixtures" / "docs8"))
-    p.add_argument("--calib", default=str(SHARED / "data" / "docs-calib.txt"))
-    p.add_argument("--eval", default=str(SHARED / "data" / "docs-eval.txt"))
-    p.add_argument("--eval-seqlen", type=int, default=256)
-    p.add_argument("--nsamples", type=int, default=128)
+    p = bench_parser(__doc__, "clients", fixture=True)
     p.add_argument("--ckpt", action="append", help="NAME=PATH of an lwq checkpoint (repeatable)")
     p.add_argument("--gptqmodel-python", help="interpreter with gptqmodel installed")
     p.add_argument("--optimum-python", help="interpreter with transformers + optimum + gptqmodel installed")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "clients.json"))
     a = p.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="lwq-clients-") as t:
-        tmp = Path(t)
+    with scratch("lwq-clients-") as tmp:
         ckpts = ({n: Path(v) for n, _, v in (c.partition("=") for c in a.ckpt)} if a.ckpt
                  else default_checkpoints(a, tmp))
         base = {"eval": a.eval, "eval_seqlen": a.eval_seqlen}

@@ -11,15 +11,13 @@ benchmarks/out/linearity.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from versus import ROOT, SHARED
+from versus import SHARED, bench_parser, scratch
 from versus import run_lwq as lwq
 FIXTURES = {  # model, calibration text, evaluation text, group size
     "docs8": ("fixtures/docs8", "data/docs-calib.txt", "data/docs-eval.txt", 64),
@@ -43,17 +41,10 @@ def paired(db_a: dict, db_b: dict) -> tuple[list[float], list[float]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--fixtures", default="docs8,stories260k")
-    p.add_argument("--budgets", default="2.5,3.0,3.25,3.5")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--refine", default="none")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "linearity.json"))
-    a = p.parse_args()
+    a = bench_parser(__doc__, "linearity", fixtures="docs8,stories260k", budgets="2.5,3.0,3.25,3.5", nsamples=128,
+                     seqlen=256, refine="none").parse_args()
     report = []
-    with tempfile.TemporaryDirectory(prefix="lwq-linearity-") as t:
-        tmp = Path(t)
+    with scratch("lwq-linearity-") as tmp:
         for fx in a.fixtures.split(","):
             model, calib, held, gs = FIXTURES[fx]
             model, calib, held = (str(SHARED / x) for x in (model, calib, held))

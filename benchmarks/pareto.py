@@ -33,9 +33,11 @@ from lwq.calib.stats import collect_stats  # noqa: E402
 from lwq.eval.perplexity import perplexity  # noqa: E402
 from lwq.formats.qlinear import QuantizedLinear  # noqa: E402
 from lwq.models.arch import linear_names  # noqa: E402
-from lwq.models.load import load_model, load_tokenizer  # noqa: E402
-from lwq.planning import MEASURE_SAMPLES, plan_model  # noqa: E402
-from lwq.quantize import quantize_model  # noqa: E402
+from lwq.models.load import load_tokenizer  # noqa: E402
+from lwq.pipeline.load import load_model  # noqa: E402
+from lwq.pipeline.plan import plan_model  # noqa: E402
+from lwq.score.measured import MEASURE_SAMPLES  # noqa: E402
+from lwq.pipeline.blockwise import quantize_model  # noqa: E402
 from lwq.spec import LayerSpec, make_spec  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"

@@ -10,27 +10,19 @@ writes benchmarks/out/planning_depth.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from depth import ROOT, VOCAB, measure
+from depth import VOCAB, measure
+from versus import bench_parser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--depths", default="4,8,16,32")
-    ap.add_argument("--scorers", default="sensitivity,linearity")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=704)
-    ap.add_argument("--nsamples", type=int, default=16)
-    ap.add_argument("--seqlen", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "planning_depth.json"))
-    a = ap.parse_args()
+    a = bench_parser(__doc__, "planning_depth", depths="4,8,16,32", scorers="sensitivity,linearity", hidden=256,
+                     intermediate=704, nsamples=16, seqlen=64, threads=2).parse_args()
     depths, scorers = [int(d) for d in a.depths.split(",")], a.scorers.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 from lwq.calib.data import calibration_samples  # noqa: E402
 from lwq.calib.stats import collect_stats  # noqa: E402
-from lwq.models.load import load_model, load_tokenizer  # noqa: E402
+from lwq.models.load import load_tokenizer  # noqa: E402
+from lwq.pipeline.load import load_model  # noqa: E402
 from lwq.score import SCORERS, ScoreConfig, ScoreInputs  # noqa: E402
 
 CHEAP = (("lim", {}), ("zd-asc", {"zd_order": "ascending"}), ("zd-desc", {"zd_order": "descending"}),

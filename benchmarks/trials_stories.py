@@ -18,9 +18,9 @@ sys.path.insert(0, str(ROOT))
 from lwq.allocate.recipes import Recipe  # noqa: E402
 from lwq.pipeline import LoadOptions, evaluate_ppl, quantize_to_checkpoint  # noqa: E402
 from lwq.pipeline.common import calib_batches  # noqa: E402
-from lwq.models.load import load_model  # noqa: E402
+from lwq.pipeline.load import load_model  # noqa: E402
 from lwq.models.arch import linear_names  # noqa: E402
-from lwq.planning import plan_model  # noqa: E402
+from lwq.pipeline.plan import plan_model  # noqa: E402
 from lwq.spec import make_spec  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

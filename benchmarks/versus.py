@@ -26,7 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -156,6 +158,31 @@ def drive(python: str, code: str, args: dict, timeout: float = 7200) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def bench_parser(doc: str | None, name: str, fixture: bool = False, **options: Any) -> argparse.ArgumentParser:
+    """The parser every benchmark starts from: its description (the docstring's first paragraph),
+    ``--out`` (default ``benchmarks/out/NAME.json``), with ``fixture`` the docs8 ruler
+    (``--model --calib --eval --nsamples --eval-seqlen``), and one ``--NAME`` per keyword of
+    ``options`` (``eval_seqlen=256`` -> ``--eval-seqlen``, typed like its default)."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    for key, default in options.items():
+        p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / f"{name}.json"))
+    if fixture:
+        for flag, default in (("--model", SHARED / "fixtures" / "docs8"), ("--calib", SHARED / "data" / "docs-calib.txt"),
+                              ("--eval", SHARED / "data" / "docs-eval.txt")):
+            p.add_argument(flag, default=str(default))
+        p.add_argument("--nsamples", type=int, default=128)
+        p.add_argument("--eval-seqlen", type=int, default=256)
+    return p
+
+
+@contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A temporary folder for one benchmark run, removed after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as t:
+        yield Path(t)
+
+
 def write_windows(a: argparse.Namespace, path: Path) -> None:
     """lwq's calibration windows, saved for every tool."""
     sys.path.insert(0, str(ROOT))
@@ -169,13 +196,8 @@ def write_windows(a: argparse.Namespace, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(SHARED / "fixtures" / "docs8"))
-    p.add_argument("--calib", default=str(SHARED / "data" / "docs-calib.txt"))
-    p.add_argument("--eval", default=str(SHARED / "data" / "docs-eval.txt"))
-    p.add_argument("--nsamples", type=int, default=128)
+    p = bench_parser(__doc__, "versus", fixture=True)
     p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--eval-seqlen", type=int, default=256)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lwq", action="append", help="NAME=FLAGS of one lwq quantize run (repeatable)")
@@ -184,7 +206,6 @@ def main() -> None:
     p.add_argument("--autoround-iters", type=int, default=200)
     p.add_argument("--gptqmodel-python", help="interpreter with gptqmodel installed")
     p.add_argument("--gptqmodel-bits", default="3")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "versus.json"))
     a = p.parse_args()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lwq-versus-") as tmp:

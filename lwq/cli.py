@@ -18,7 +18,7 @@ try:  # typer >= 0.26 vendors its own click; older ones use click's exceptions
 except ImportError:  # pragma: no cover - depends on the installed typer
     _TAbort, _TExit, _TUsage = click.exceptions.Abort, click.exceptions.Exit, click.exceptions.ClickException
 
-from lwq import __version__
+from lwq.spec import __version__
 from lwq.commands import register_all
 from lwq.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, LwqError
 
@@ -105,13 +105,19 @@ def _utf8(arg: str) -> bool:
 def _prepare_environment() -> None:
     """Keep third-party progress bars and advice off our stderr (rich bars are ours); let cuBLAS
     be deterministic (it reads ``CUBLAS_WORKSPACE_CONFIG`` once, when its first handle is made, which
-    planning may do before quantizing asks for determinism; a value the user set is kept)."""
+    planning may do before quantizing asks for determinism; a value the user set is kept).
+    transformers reads its settings from the environment when it is first imported (commands import
+    it only when they need it: ``--help`` and ``--version`` never do); if it is already loaded, it
+    is told directly."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    from transformers.utils import logging as hf_logging
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""``LayerSpec``: how one linear layer is quantized. Plans map module names to specs."""
+"""``LayerSpec``: how one linear layer is quantized (plans map module names to specs), and the
+vocabulary every stage shares: supported widths, group sizes, formats, grids, lwq's version."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lwq.errors import BadInput
+
+__version__ = "0.1.0"
 
 SUPPORTED_BITS = (2, 3, 4, 6, 8, 16)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)

@@ -98,3 +98,42 @@ def rtn_quantized(W: torch.Tensor, spec, seed: int = 0, smooth: torch.Tensor | N
     q[:, order] = quantize_with(W[:, order], qp, gp, spec.bits)
     gi[order] = gp
     return QuantizedWeight(spec, q, qp.scale, qp.zero, gi, {} if smooth is None else {"smooth": smooth})
+
+
+def interrupt_after_block(monkeypatch, k: int):
+    """Make quantize runs in this process stop as Ctrl-C does (``KeyboardInterrupt``) right after
+    block ``k`` is committed to the work folder; returns the function that stops doing so."""
+    from lwq.pipeline.workdir import WorkFolder
+
+    save = WorkFolder.save_block
+
+    def stopping(self, i, *args, **kwargs):
+        save(self, i, *args, **kwargs)
+        if i == k:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(WorkFolder, "save_block", stopping)
+    return lambda: monkeypatch.setattr(WorkFolder, "save_block", save)
+
+
+_KILLER = """
+import os, signal, sys
+from lwq.pipeline.workdir import WorkFolder
+from lwq.cli import main
+k, save = int(sys.argv[1]), WorkFolder.save_block
+def killing(self, i, *args, **kwargs):
+    save(self, i, *args, **kwargs)
+    if i == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+WorkFolder.save_block = killing
+sys.argv = ["lwq", *sys.argv[2:]]
+main()
+"""
+
+
+def run_killed_after_block(k: int, argv: list[str], **kwargs):
+    """``lwq ARGV`` in a child process that is SIGKILLed right after block ``k`` is committed."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _KILLER, str(k), *argv], capture_output=True, text=True, **kwargs)

@@ -151,7 +151,7 @@ def test_full_disk_keeps_the_previous_output(corpus, tmp_path, monkeypatch, caps
     """A write error (ENOSPC while writing the shards) is one line with exit 1; the existing
     checkpoint replaced with --force survives, no temporary folder is left, and once there is space
     again ``--resume`` writes the checkpoint without quantizing anything again."""
-    import lwq.formats.checkpoint as ckpt
+    import lwq.formats.folder as ckpt  # where every shard is written
 
     out = tmp_path / "q"
     argv = ["quantize", str(corpus / "good"), "-o", str(out), "--bits", "4", "--group-size", "32", *QUICK]
@@ -170,21 +170,21 @@ def test_full_disk_keeps_the_previous_output(corpus, tmp_path, monkeypatch, caps
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]
     assert json.loads((tmp_path / "q.partial" / "state.json").read_text())["next_block"] == 2
     monkeypatch.setattr(ckpt, "write_safetensors", real)
-    import lwq.quantize
+    import lwq.pipeline.blockwise
 
-    monkeypatch.setattr(lwq.quantize, "_quantize_block", None)  # nothing is left to quantize
+    monkeypatch.setattr(lwq.pipeline.blockwise, "_quantize_block", None)  # nothing is left to quantize
     assert run([*argv, "--force", "--resume", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from_block"] == 2
     assert json.loads((out / "config.json").read_text())["quantization_config"]["default"]["bits"] == 4
 
 
 def test_full_disk_in_the_work_folder(corpus, tmp_path, monkeypatch, capsys):
-    import lwq.resume
+    import lwq.pipeline.workdir
 
     def full_disk(*_a, **_k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(lwq.resume, "save_file", full_disk)
+    monkeypatch.setattr(lwq.pipeline.workdir, "save_file", full_disk)
     got = run(["quantize", str(corpus / "good"), "-o", str(tmp_path / "q"), "--bits", "4", *QUICK])
     check_one_line(got, capsys.readouterr().err, 1, "No space left on device")
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
@@ -206,7 +206,7 @@ def test_debug_shows_the_traceback(corpus):
 
 def test_nonfinite_weights_are_refused_before_quantizing():
     from lwq.errors import BadInput
-    from lwq.quantize import check_finite
+    from lwq.pipeline.blockwise import check_finite
 
     block = torch.nn.Module()
     block.a, block.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)

@@ -16,7 +16,7 @@ from lwq.cli import run
 from lwq.errors import BadInput
 from lwq.models.arch import linear_names
 from lwq.models.lazy import load_lazy
-from lwq.models.load import load_model
+from lwq.pipeline.load import load_model
 
 
 def _direct_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:

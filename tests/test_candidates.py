@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from lwq.allocate.candidates import (ErrorDB, db_errors, fill_error_db, hessian_error, hessian_errors,
+from lwq.allocate.candidates import (ErrorDB, db_errors, fill_error_db,
                                      load_error_db, make_candidates, save_error_db, spec_key, with_importance)
 from lwq.backends.quant import rtn_fake_quant
 from lwq.errors import BadInput
 from lwq.formats.bytes import layer_bytes
+from lwq.score.hessian import hessian_error, hessian_errors
 from lwq.spec import make_spec
 
 SHAPES = {"a.q_proj": (64, 192), "a.down_proj": (192, 512)}
@@ -49,8 +50,9 @@ def test_hessian_error_equals_output_error():
     spec = make_spec(3, 64)
     dW = W - rtn_fake_quant(W, 3, 64)
     direct = float(((X @ dW.T) ** 2).sum())  # || X dW^T ||_F^2 = trace(dW H dW^T)
-    assert hessian_error(W, H, spec) == pytest.approx(direct, rel=1e-4)
-    assert hessian_error(W, H, make_spec(16)) == 0.0
+    assert hessian_error(W, H, spec.bits, spec.group_size, spec.sym) == pytest.approx(direct, rel=1e-4)
+    sixteen = hessian_errors(make_candidates({"a.q_proj": (64, 192)}, (3, 16), "rtn", 64), {"a.q_proj": W}, {"a.q_proj": H})
+    assert [c.error for c in sixteen[0].candidates] == [pytest.approx(direct, rel=1e-4), 0.0]
 
 
 def test_hessian_errors_fall_with_bits_and_check_shapes():

@@ -10,11 +10,12 @@ from safetensors.torch import load_file, save_file
 from helpers import save_tiny, tiny_model, word_text
 from lwq.backends import bnb_status
 from lwq.errors import BadInput
-from lwq.formats.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, sha256_file
+from lwq.formats.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
+from lwq.formats.folder import sha256_file
 from lwq.formats.qlinear import QuantizedLinear
 from lwq.models.arch import linear_names
 from lwq.pipeline import LoadOptions, quantize_to_checkpoint
-from lwq.quantize import quantize_model
+from lwq.pipeline.blockwise import quantize_model
 from lwq.spec import make_spec
 
 CPU = LoadOptions(device="cpu")

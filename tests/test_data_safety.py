@@ -91,7 +91,7 @@ def test_force_replaces_lwq_outputs_of_the_same_kind(tiny, tmp_path, capsys):
 HOLD = """
 import sys, time
 from pathlib import Path
-from lwq.outputs import OutputLock
+from lwq.fileio import OutputLock
 with OutputLock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(120)
@@ -203,7 +203,7 @@ def test_backtracking_plan_regex_is_refused_in_bounded_time(tiny, tmp_path, caps
     with one line (here a backreference-heavy one under a tight limit, so the test runs fast)."""
     import time
 
-    import lwq.allocate.plan as plan_mod
+    import lwq.allocate.planfile as plan_mod
 
     monkeypatch.setattr(plan_mod, "REGEX_SECONDS", 0.002)
     evil = r"re:(.*)(.*)(.*)(.*)(.*)\1\2\3\4\5j"  # ~20 ms per name, polynomial blow-up
@@ -228,7 +228,7 @@ def test_library_warnings_never_precede_the_error_line(tiny, monkeypatch, capsys
     only line on stderr."""
     import warnings
 
-    import lwq.commands.info as info
+    import lwq.pipeline.load as loading
     from lwq.errors import BadInput
 
     def noisy(*a, **k):
@@ -236,6 +236,6 @@ def test_library_warnings_never_precede_the_error_line(tiny, monkeypatch, capsys
         warnings.warn("some library advice", UserWarning)
         raise BadInput("the refusal")
 
-    monkeypatch.setattr(info, "load_model", noisy)
+    monkeypatch.setattr(loading, "load_model", noisy)  # what `lwq info` loads with
     assert run(["info", str(tiny / "model")]) == 2
     assert capsys.readouterr().err == "error: the refusal\n"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lwq.demo import MARKER, check_output, run_demo
+from lwq.pipeline.demo import MARKER, check_output, run_demo
 from lwq.errors import BadInput
-from lwq.models.demo import DemoConfig, build_demo_model, stdlib_docstrings
+from lwq.models.toy import DemoConfig, build_demo_model, stdlib_docstrings
 
 
 def test_stdlib_docstrings_split_is_deterministic_and_disjoint() -> None:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import save_tiny, word_text
 from lwq.cli import run
-from lwq.formats.checkpoint import TensorRef, sha256_file, write_safetensors
+from lwq.formats.folder import TensorRef, sha256_file, write_safetensors
 
 
 @pytest.fixture(scope="module")

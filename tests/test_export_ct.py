@@ -13,7 +13,8 @@ from lwq.cli import run
 from lwq.eval.perplexity import perplexity
 from lwq.formats.qlinear import QuantizedLinear
 from lwq.models.arch import linear_names
-from lwq.models.load import load_model, load_tokenizer
+from lwq.models.load import load_tokenizer
+from lwq.pipeline.load import load_model
 from lwq.pipeline import LoadOptions, quantize_to_checkpoint
 from lwq.spec import LayerSpec, make_spec
 

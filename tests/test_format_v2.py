@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from helpers import rtn_quantized, save_tiny, word_text
 from lwq.backends.quant import group_index
 from lwq.formats.layouts import get_layout
-from lwq.formats.pack import pack
+from lwq.kernels.pack import pack
 from lwq.formats.qlinear import QuantizedLinear
 from lwq.spec import make_spec
 

@@ -10,7 +10,7 @@ from lwq.backends.quant import QParams, dequantize, group_index
 from lwq.errors import LwqError
 from lwq.formats.bytes import layer_bytes
 from lwq.formats.layouts import get_layout
-from lwq.formats.w4a8 import smooth_factors, smooth_weight
+from lwq.backends.smooth import smooth_factors, smooth_weight
 from lwq.kernels.w4a8.reference import quantize_activations
 from lwq.spec import LayerSpec, make_spec
 
@@ -145,7 +145,7 @@ def test_specs_route_to_these_formats():
 
 def test_smoothing_hook_strengths_and_off():
     from lwq.errors import BadInput
-    from lwq.formats.w4a8 import smoothing
+    from lwq.backends.smooth import smoothing
 
     g = torch.Generator().manual_seed(7)
     W = torch.randn(32, 64, generator=g)

@@ -47,7 +47,7 @@ def test_gptq_on_gpu_is_byte_identical_across_runs(tiny, tmp_path):
 
 
 def test_gpu_holds_about_one_block(tiny, tmp_path):
-    from lwq.models.load import load_model
+    from lwq.pipeline.load import load_model
     from lwq.models.placement import model_bytes
 
     torch.cuda.reset_peak_memory_stats()

@@ -1,4 +1,4 @@
-"""``AutoModelForCausalLM.from_pretrained`` of lwq checkpoints after ``import lwq`` (lwq.hf, lwq.formats.hf_quantizer)."""
+"""``AutoModelForCausalLM.from_pretrained`` of lwq checkpoints after ``import lwq`` (lwq.formats.hf_register, lwq.formats.hf_quantizer)."""
 from __future__ import annotations
 
 import json
@@ -33,7 +33,7 @@ def ckpt(tmp_path_factory):
 
 def test_from_pretrained_gives_lwq_load(ckpt):
     import lwq
-    from lwq.hf import register
+    from lwq.formats.hf_register import register
     from transformers import AutoModelForCausalLM
 
     register()
@@ -57,7 +57,7 @@ def test_from_pretrained_refuses_a_modified_shard(ckpt, tmp_path):
     import shutil
 
     from lwq.errors import BadInput
-    from lwq.hf import register
+    from lwq.formats.hf_register import register
     from transformers import AutoModelForCausalLM
 
     register()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from helpers import save_tiny, word_text
+from helpers import interrupt_after_block, save_tiny, word_text
 from lwq.cli import run
 
 QUICK = ["--device", "cpu", "--quiet"]
@@ -190,15 +190,14 @@ def test_hostile_input_is_one_line(root, case, capsys):
 
 
 def test_corrupt_block_in_the_work_folder_is_bad_input(root, tmp_path, capsys, monkeypatch):
-    from lwq.resume import KILL_ENV, SIGNAL_ENV, work_dir
+    from lwq.pipeline.workdir import work_dir
 
     out = tmp_path / "q"
     argv = ["quantize", str(root / "good"), "-o", str(out), "--bits", "3", "--backend", "gptq", *DATA[:1],
             str(root / "text.txt"), *SMALL, *QUICK]
-    monkeypatch.setenv(KILL_ENV, "0")
-    monkeypatch.setenv(SIGNAL_ENV, "INT")
+    resume_blocks = interrupt_after_block(monkeypatch, 0)
     assert run(argv) == 130
-    monkeypatch.delenv(KILL_ENV)
+    resume_blocks()
     block = next(work_dir(out).glob("block-*.safetensors"))
     block.write_bytes(os.urandom(200))
     capsys.readouterr()

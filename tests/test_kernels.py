@@ -14,7 +14,7 @@ from helpers import rtn_quantized  # noqa: E402
 from lwq.backends.quant import group_index  # noqa: E402
 from lwq.errors import BadInput, LwqError  # noqa: E402
 from lwq.formats.layouts import get_layout  # noqa: E402
-from lwq.formats.pack import pack  # noqa: E402
+from lwq.kernels.pack import pack  # noqa: E402
 from lwq.kernels import attach_kernels, kernel_status, select_kernel  # noqa: E402
 from lwq.kernels.int6 import ops as int6_ops  # noqa: E402
 from lwq.kernels.int6 import reference as int6_ref  # noqa: E402
@@ -258,7 +258,7 @@ def test_fixture_model_same_logits_with_kernels():
 
     from lwq.formats.qlinear import quantized_from_linear, replace_linear
     from lwq.models.arch import linear_names, linear_weight
-    from lwq.models.load import load_model
+    from lwq.pipeline.load import load_model
 
     model = load_model(str(fixture_model("stories260k")), dtype="float32", device="cpu")
     specs = [make_spec(4, 32, act_bits=8), make_spec(6, 64), make_spec(4, 128, act_order=True),

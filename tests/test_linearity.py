@@ -12,8 +12,8 @@ from helpers import save_tiny, tiny_model, word_text
 from lwq.allocate.candidates import load_error_db, make_candidates, save_error_db
 from lwq.cli import run
 from lwq.errors import BadInput
-from lwq.measure import backend_quantizer
-from lwq.planning import model_shapes
+from lwq.score.trials import backend_quantizer
+from lwq.models.arch import model_shapes
 from lwq.score.fisher import noise_like as _noise
 from lwq.score.linearity import linearity_coefficients, linearity_errors, relative_error
 
@@ -172,7 +172,7 @@ def test_block_sweep_equals_the_whole_model_backward_pass():
 
 
 def test_offloaded_and_parallel_linearity_match_the_resident_model(tmp_path):
-    from lwq.measure import ModelSource, ParallelMeasure
+    from lwq.score.workers import ModelSource, ParallelMeasure
     from lwq.models.lazy import lazy_or_whole
     from lwq.models.placement import offload
 

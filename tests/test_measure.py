@@ -12,9 +12,9 @@ from helpers import save_tiny, word_text
 from lwq.allocate.candidates import spec_key
 from lwq.cli import run
 from lwq.errors import BadInput, LwqError
-from lwq.measure import MeasureTask, ModelSource, make_tasks, measure_local, measure_parallel, parse_devices
+from lwq.score.workers import MeasureTask, ModelSource, make_tasks, measure_local, measure_parallel, parse_devices
 from lwq.models.arch import linear_names
-from lwq.models.load import load_model
+from lwq.pipeline.load import load_model
 from lwq.spec import make_spec
 
 SPECS = [make_spec(2, 32), make_spec(4, 32)]
@@ -163,7 +163,8 @@ def test_a_killed_worker_stops_the_run_with_one_error(tiny):
 
 def test_probe_quantizer_hook_gets_hessians_and_gptq_beats_rtn(tiny):
     from lwq.backends.quant import rtn_fake_quant
-    from lwq.measure import backend_quantizer, run_task
+    from lwq.score.trials import backend_quantizer
+    from lwq.score.workers import run_task
     from lwq.models.arch import linear_weight
     from lwq.score.sensitivity import SensitivityProbe
 

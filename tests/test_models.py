@@ -11,7 +11,8 @@ from helpers import TINY_ARCHS, fixture_model, save_tiny, tiny_model
 from lwq.errors import BadInput, LwqError
 from lwq.models.arch import ARCH_TABLE, arch_for, get_blocks, linear_names, linear_shape
 from lwq.models.blocks import capture_block_inputs, head_logits, run_block
-from lwq.models.load import load_model, load_tokenizer, looks_local, resolve_dtype
+from lwq.models.load import load_tokenizer, looks_local, resolve_dtype
+from lwq.pipeline.load import load_model
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

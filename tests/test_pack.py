@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lwq.formats.pack import pack, packed_len, unpack
+from lwq.kernels.pack import pack, packed_len, unpack
 
 WIDTHS = (2, 3, 4, 6, 8)
 

@@ -79,7 +79,7 @@ def test_max_windows_and_bad_arguments() -> None:
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
 @pytest.mark.parametrize("seqlen,stride,batch", [(16, None, 3), (16, 5, 2), (12, 12, 4)])
 def test_block_by_block_perplexity_equals_whole_model(arch, seqlen, stride, batch):
-    from lwq.calib.stats import ResidentBlocks
+    from lwq.models.blocks import ResidentBlocks
     from lwq.eval.perplexity import perplexity_by_blocks
 
     model = tiny_model(arch, layers=3)

@@ -11,14 +11,14 @@ import torch
 
 from helpers import save_tiny, word_text
 from lwq.allocate.candidates import spec_key
-from lwq.calib.stats import ResidentBlocks
+from lwq.models.blocks import ResidentBlocks
 from lwq.cli import run
-from lwq.measure import ModelSource, _worker, make_tasks, measure_local
+from lwq.score.workers import ModelSource, _sensitivity_runner, _worker, make_tasks, measure_local
 from lwq.models.arch import get_blocks, linear_names
 from lwq.models.lazy import LazyBlocks, load_lazy
-from lwq.models.load import load_model
+from lwq.pipeline.load import load_model
 from lwq.models.placement import Placement, fits, model_bytes, place
-from lwq.planning import KlEvaluator
+from lwq.score.measured import KlEvaluator
 from lwq.score.sensitivity import SensitivityProbe
 from lwq.spec import make_spec
 
@@ -113,7 +113,7 @@ def test_worker_reads_blocks_from_disk_when_the_device_is_full(tiny, samples, mo
     for item in enumerate(tasks):
         todo.put(item)
     todo.put(None)
-    _worker(ModelSource(str(tiny / "model"), "float32"), "cpu", 2, samples, todo, results)
+    _worker(ModelSource(str(tiny / "model"), "float32"), "cpu", 2, _sensitivity_runner, (samples, False), todo, results)
     got: dict[str, float] = {}
     while not results.empty():
         msg = results.get()

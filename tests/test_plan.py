@@ -7,7 +7,7 @@ import pytest
 
 from lwq.allocate import run_solver
 from lwq.allocate.candidates import make_candidates, with_importance
-from lwq.allocate.plan import Plan, PlanEntry, load_plan, plan_from_allocation, reprice, save_plan
+from lwq.allocate.planfile import Plan, PlanEntry, load_plan, plan_from_allocation, reprice, save_plan
 from lwq.allocate.plot import plot_bits
 from lwq.errors import BadInput
 from lwq.formats.bytes import layer_bytes

@@ -12,7 +12,8 @@ from lwq.allocate.recipes import Recipe
 from lwq.cli import run
 from lwq.errors import BadInput
 from lwq.models.arch import linear_names
-from lwq.planning import KlEvaluator, error_table, plan_model
+from lwq.pipeline.plan import error_table, plan_model
+from lwq.score.measured import KlEvaluator
 from lwq.spec import make_spec
 
 PLAN_KEYS = {"version", "budget", "solver", "scorer", "bits_per_weight", "total_bytes", "layers"}
@@ -82,7 +83,8 @@ def test_search_recipe_with_options_stays_within_budget(tiny, tmp_path, capsys):
 @pytest.mark.slow
 def test_measured_errors_fall_with_bits_on_docs8():
     from lwq.calib.data import calibration_samples
-    from lwq.models.load import load_model, load_tokenizer
+    from lwq.models.load import load_tokenizer
+    from lwq.pipeline.load import load_model
 
     path = fixture_model("docs8")
     model = load_model(str(path), "float32", "cpu")

@@ -8,7 +8,8 @@ from helpers import tiny_model
 from lwq.errors import BadInput
 from lwq.formats.qlinear import QuantizedLinear
 from lwq.models.arch import linear_names
-from lwq.quantize import InputStats, quantize_model
+from lwq.calib.stats import InputAccumulator
+from lwq.pipeline.blockwise import quantize_model
 from lwq.spec import make_spec
 
 
@@ -66,7 +67,7 @@ def test_gptq_with_calibration_beats_rtn_on_the_model_output():
 
 def test_input_stats_running_mean():
     x = torch.randn(3, 10, 6)
-    s = InputStats(6, torch.device("cpu"))
+    s = InputAccumulator(6, torch.device("cpu"), scale=2.0)  # GPTQ's scaling
     s.add(x[:1])
     s.add(x[1:])
     flat = x.reshape(-1, 6)

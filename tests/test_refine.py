@@ -1,9 +1,8 @@
-"""Block-output refinement (lwq.backends.refine): tuned blocks never end worse than they start,
+"""Block-output refinement (lwq.pipeline.refine): tuned blocks never end worse than they start,
 mixed widths and formats inside one block, determinism, 0 steps = no refinement, resume, bad input."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,15 +12,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import save_tiny, tiny_model, word_text
+from helpers import run_killed_after_block, save_tiny, tiny_model, word_text
 from lwq.backends import quantize_weight
-from lwq.backends.refine import RefineConfig, TunedLinear, refine_block
+from lwq.pipeline.refine import RefineConfig, TunedLinear, refine_block
 from lwq.errors import BadInput
 from lwq.formats.qlinear import QuantizedLinear, quantized_from_linear, replace_linear
 from lwq.models.arch import arch_for, get_blocks, linear_weight
 from lwq.models.blocks import block_outputs, capture_block_inputs, run_block
-from lwq.quantize import quantize_model
-from lwq.resume import KILL_ENV, work_dir
+from lwq.pipeline.blockwise import quantize_model
+from lwq.pipeline.workdir import work_dir
 from lwq.spec import make_spec
 
 
@@ -87,7 +86,7 @@ def test_tuned_int8_activation_layers_compute_what_the_checkpoint_computes():
 
 def test_full_range_scales_put_the_larger_side_on_the_extreme_code():
     from lwq.backends.quant import group_index
-    from lwq.backends.refine import full_range_scales
+    from lwq.pipeline.refine import full_range_scales
 
     W = torch.tensor([[1.0, -3.0, 0.5, 2.0], [4.0, -1.0, 0.0, 0.25]])
     s = full_range_scales(W, group_index(4, 2).long(), 2, 3)
@@ -244,8 +243,7 @@ def test_cli_refined_resume_is_byte_identical(tiny_dir, tmp_path):
             "--nsamples", "8", "--seqlen", "32", "--refine-steps", "8", "-q"]
     full = _lwq(*args, "-o", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
-    killed = subprocess.run([sys.executable, "-m", "lwq", *args, "-o", str(tmp_path / "part")], capture_output=True,
-                            text=True, timeout=600, env={**os.environ, KILL_ENV: "0"})
+    killed = run_killed_after_block(0, [*args, "-o", str(tmp_path / "part")], timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     saved = work_dir(tmp_path / "part") / "inputs-00001.safetensors"
     with safe_open(str(saved), "pt") as st:  # the full-precision stream is kept for the next block

@@ -1,20 +1,18 @@
-"""Resume after a kill (``lwq.resume``): a run killed after block k and continued with ``--resume``
+"""Resume after a kill (``lwq.pipeline.workdir``): a run killed after block k and continued with ``--resume``
 writes exactly the bytes of an uninterrupted run; SIGINT exits 130 and keeps the work folder."""
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import PROJECT, save_tiny, word_text
+from helpers import PROJECT, interrupt_after_block, run_killed_after_block, save_tiny, word_text
 from lwq.cli import run
-from lwq.formats.checkpoint import sha256_file
-from lwq.resume import KILL_ENV, SIGNAL_ENV, work_dir
+from lwq.formats.folder import sha256_file
+from lwq.pipeline.workdir import work_dir
 
 GPTQ = ["--bits", "3", "--backend", "gptq", "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "--quiet"]
 
@@ -45,9 +43,7 @@ def args(tiny, out, *extra):
 
 def test_sigkill_after_block_then_resume_is_byte_identical(tiny, reference, tmp_path):
     out = tmp_path / "q"
-    env = {**os.environ, KILL_ENV: "1", "PYTHONPATH": str(PROJECT)}
-    proc = subprocess.run([sys.executable, "-m", "lwq", *args(tiny, out)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_killed_after_block(1, args(tiny, out), env={**os.environ, "PYTHONPATH": str(PROJECT)}, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not out.exists()
     state = json.loads((work_dir(out) / "state.json").read_text())
@@ -60,13 +56,12 @@ def test_sigkill_after_block_then_resume_is_byte_identical(tiny, reference, tmp_
 
 def test_sigint_exits_130_keeps_progress_and_resumes(tiny, reference, tmp_path, monkeypatch, capsys):
     out = tmp_path / "q"
-    monkeypatch.setenv(KILL_ENV, "2")
-    monkeypatch.setenv(SIGNAL_ENV, "INT")
+    resume_blocks = interrupt_after_block(monkeypatch, 2)
     assert run(args(tiny, out)) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: interrupted after 3 of 4 blocks") and "--resume" in err[0]
     assert json.loads((work_dir(out) / "state.json").read_text())["next_block"] == 3
-    monkeypatch.delenv(KILL_ENV)
+    resume_blocks()
     # without --resume (or --force) the unfinished run is protected
     assert run(args(tiny, out)) == 2
     assert "--resume" in capsys.readouterr().err
@@ -76,10 +71,9 @@ def test_sigint_exits_130_keeps_progress_and_resumes(tiny, reference, tmp_path, 
 
 def test_resume_with_other_arguments_is_refused(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "q"
-    monkeypatch.setenv(KILL_ENV, "0")
-    monkeypatch.setenv(SIGNAL_ENV, "INT")
+    resume_blocks = interrupt_after_block(monkeypatch, 0)
     assert run(args(tiny, out)) == 130
-    monkeypatch.delenv(KILL_ENV)
+    resume_blocks()
     capsys.readouterr()
     assert run(args(tiny, out, "--resume", "--seed", "5")) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -127,11 +121,10 @@ def test_rtn_resume_needs_no_inputs(tiny, tmp_path, monkeypatch):
     out, ref = tmp_path / "q", tmp_path / "ref"
     rtn = ["--bits", "4", "--group-size", "32", "--device", "cpu", "--quiet"]
     assert run(["quantize", str(tiny / "model"), "-o", str(ref), *rtn]) == 0
-    monkeypatch.setenv(KILL_ENV, "1")
-    monkeypatch.setenv(SIGNAL_ENV, "INT")
+    resume_blocks = interrupt_after_block(monkeypatch, 1)
     assert run(["quantize", str(tiny / "model"), "-o", str(out), *rtn]) == 130
     assert not list(work_dir(out).glob("inputs-*"))
-    monkeypatch.delenv(KILL_ENV)
+    resume_blocks()
     assert run(["quantize", str(tiny / "model"), "-o", str(out), *rtn, "--resume"]) == 0
     assert shards(out) == shards(ref)
 
@@ -144,11 +137,10 @@ def test_budget_resume_reuses_the_saved_plan(tiny, tmp_path, monkeypatch):
               "--data", str(tiny / "calib.txt"), "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "--quiet"]
     ref, out = tmp_path / "ref", tmp_path / "q"
     assert run(["quantize", str(tiny / "model"), "-o", str(ref), *budget]) == 0
-    monkeypatch.setenv(KILL_ENV, "1")
-    monkeypatch.setenv(SIGNAL_ENV, "INT")
+    resume_blocks = interrupt_after_block(monkeypatch, 1)
     assert run(["quantize", str(tiny / "model"), "-o", str(out), *budget]) == 130
     assert (work_dir(out) / "plan.json").is_file()
-    monkeypatch.delenv(KILL_ENV)
+    resume_blocks()
 
     def no_planning(*_a, **_k):
         raise AssertionError("planning was redone on resume")
@@ -170,10 +162,9 @@ def test_resume_after_the_source_weights_changed_is_refused(tiny, tmp_path, monk
     shutil.copytree(tiny / "model", model)
     out = tmp_path / "q"
     argv = ["quantize", str(model), "-o", str(out), "--data", str(tiny / "calib.txt"), *GPTQ]
-    monkeypatch.setenv(KILL_ENV, "0")
-    monkeypatch.setenv(SIGNAL_ENV, "INT")
+    resume_blocks = interrupt_after_block(monkeypatch, 0)
     assert run(argv) == 130
-    monkeypatch.delenv(KILL_ENV)
+    resume_blocks()
     shard = model / "model.safetensors"
     size = shard.stat().st_size
     tensors = load_file(str(shard))

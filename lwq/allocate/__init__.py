@@ -1,12 +1,14 @@
-"""Bit allocation under a budget: budgets, candidates per layer, solvers (registered by name), plans.
+"""Bit allocation under a budget: budgets, candidates per layer, solvers (declared by name), plans.
 
-``SOLVERS`` maps a name to ``solve(layers, cap_bytes, **options) -> Allocation``; ``allocate`` turns a
-``Budget`` into the byte cap, runs the named solver and states an infeasible budget in its own units.
+``SOLVERS`` holds declared ``Solver`` entries: ``solve(layers, cap_bytes, **options) -> Allocation``
+and what the caller must know about it; ``allocate`` turns a ``Budget`` into the byte cap, runs the
+named solver and states an infeasible budget in its own units.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 from lwq.allocate.budget import Budget, budget_bytes, in_budget_units, parse_budget
 from lwq.allocate.solvers import dp, ilp, order, search
@@ -14,20 +16,48 @@ from lwq.allocate.types import Allocation, Candidate, Infeasible, LayerCandidate
 from lwq.errors import BadInput
 from lwq.registry import Registry
 
-Solver = Callable[..., Allocation]
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A declared solver. ``solve(layers, cap_bytes, **options) -> Allocation``; ``units``: ``block``
+    when it gives every linear of a decoder block one spec (the paper ranks blocks; the caller passes
+    the blocks as ``units``), else ``linear``; ``seeded``: it draws at random (the caller passes the
+    run's ``seed``); ``evaluates``: it checks real loss through an ``evaluate`` callback (calibration
+    text needed); ``package``: an optional package it imports (``lwq doctor`` checks it)."""
+
+    name: str
+    solve: Callable[..., Allocation]
+    units: str = "linear"
+    seeded: bool = False
+    evaluates: bool = False
+    package: Optional[str] = None
+
+    def __call__(self, layers: Sequence[LayerCandidates], cap_bytes: int, **options: Any) -> Allocation:
+        return self.solve(layers, cap_bytes, **options)
+
+    @property
+    def options(self) -> list[str]:
+        """The keyword options it accepts (``tie_groups``, ``evaluate``, ...)."""
+        params = inspect.signature(self.solve).parameters.values()
+        return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    @property
+    def ties(self) -> bool:
+        """Whether it keeps tied layers (``tie_groups``) at one spec."""
+        return "tie_groups" in self.options
+
 
 SOLVERS: Registry[Solver] = Registry("solver")
-SOLVERS.add("order", order.solve)
-SOLVERS.add("random", order.solve_random)
-SOLVERS.add("dp", dp.solve)
-SOLVERS.add("ilp", ilp.solve)
-SOLVERS.add("search", search.solve)
+for _entry in (Solver("order", order.solve, units="block"), Solver("random", order.solve_random, units="block", seeded=True),
+               Solver("dp", dp.solve), Solver("ilp", ilp.solve, package="highspy"),
+               Solver("search", search.solve, seeded=True, evaluates=True)):
+    SOLVERS.add(_entry.name, _entry)
 
 
 def solver_options(name: str) -> list[str]:
     """The keyword options solver ``name`` accepts (``tie_groups``, ``evaluate``, ...)."""
-    params = inspect.signature(SOLVERS.get(name)).parameters.values()
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return SOLVERS.get(name).options
 
 
 def run_solver(name: str, layers: Sequence[LayerCandidates], cap_bytes: int, **options: Any) -> Allocation:
@@ -55,5 +85,5 @@ def allocate(layers: Sequence[LayerCandidates], budget: Budget | str, rest_bytes
                        f"({e.min_bytes} bytes of quantized layers)") from None
 
 
-__all__ = ["SOLVERS", "Allocation", "Budget", "Candidate", "Infeasible", "LayerCandidates", "allocate",
+__all__ = ["SOLVERS", "Solver", "Allocation", "Budget", "Candidate", "Infeasible", "LayerCandidates", "allocate",
            "budget_bytes", "in_budget_units", "parse_budget", "run_solver", "solver_options"]

@@ -1,9 +1,8 @@
-"""Candidates per layer: specs with exact byte costs, and three ways to estimate their error.
+"""Candidates per layer: specs with exact byte costs, and the error tables the solvers read.
 
 (a) ``with_importance``: a scorer's per-layer importance (what ``order`` ranks by), turned into
     per-candidate errors ``importance * 4**-bits`` (uniform quantization noise power falls 4x per bit);
-(b) ``hessian_errors``: ``trace(dW H dW^T)`` with ``dW = W - rtn_fake_quant(W)`` at each candidate
-    (the output error of the layer on the calibration inputs, ``H = X^T X``);
+(b) per-candidate errors computed from weights (``lwq.score.hessian.hessian_errors``) or measured;
 (c) ``ErrorDB``: measured errors per (layer, spec key), filled once by a ``measure`` callable, saved
     as JSON and reused across budgets (EvoPress's database).
 """
@@ -15,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
 
 from lwq.allocate.types import Candidate, LayerCandidates
 from lwq.errors import BadInput
@@ -63,32 +61,6 @@ def with_importance(layers: Sequence[LayerCandidates], scores: Mapping[str, floa
             raise BadInput(f"importance score of layer {lc.name} is not finite: {s}")
         errs = [0.0 if c.spec.bits >= 16 else s * 4.0 ** (-c.spec.bits) for c in lc.candidates]
         out.append(lc.with_importance(s).replace_errors(errs))
-    return out
-
-
-def hessian_error(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec) -> float:
-    """``trace(dW H dW^T)`` for ``dW = W - rtn_fake_quant(W)`` at ``spec`` (W: (out, in); H: (in, in))."""
-    from lwq.backends.quant import rtn_fake_quant
-
-    if spec.bits >= 16:
-        return 0.0
-    W = W.detach().float()
-    dW = W - rtn_fake_quant(W, spec.bits, spec.group_size, spec.sym)
-    return float(((dW @ H.float()) * dW).sum())
-
-
-def hessian_errors(layers: Sequence[LayerCandidates], weights: Mapping[str, torch.Tensor],
-                   hessians: Mapping[str, torch.Tensor]) -> list[LayerCandidates]:
-    """Fill every candidate's error with ``hessian_error`` (weights and H per linear name)."""
-    out = []
-    for lc in layers:
-        if lc.name not in weights or lc.name not in hessians:
-            raise BadInput(f"no weight or Hessian for layer {lc.name}")
-        W, H = weights[lc.name], hessians[lc.name]
-        if tuple(W.shape) != lc.shape or tuple(H.shape) != (lc.shape[1], lc.shape[1]):
-            raise BadInput(f"layer {lc.name}: weight {tuple(W.shape)} / Hessian {tuple(H.shape)} do not match "
-                           f"shape {lc.shape}")
-        out.append(lc.replace_errors([hessian_error(W, H, c.spec) for c in lc.candidates]))
     return out
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lwq.allocate.plan import Plan
+from lwq.allocate.planfile import Plan
 
 FORMAT_COLORS = {"gptq": "#4C72B0", "int6": "#DD8452", "w4a8": "#55A868", "bnb": "#C44E52", "fp16": "#8172B3"}
 

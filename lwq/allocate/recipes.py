@@ -30,7 +30,6 @@ from lwq.spec import GRIDS, REFINE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 RECIPE_VERSION = 1
 RUNTIME_ONLY = ("evaluate", "start", "tie_groups")  # solver options only code can pass
-TIE_SOLVERS = ("dp", "ilp")
 MEASURE_WITH = ("backend", "rtn")
 
 
@@ -110,11 +109,14 @@ def _check(r: Recipe) -> None:
     want("refine_steps", isinstance(r.refine_steps, int) and not isinstance(r.refine_steps, bool)
          and r.refine_steps >= 0, "a whole number >= 0")
     want("grid", r.grid in GRIDS, f"one of {', '.join(GRIDS)}")
-    if r.tie != "none" and r.solver not in TIE_SOLVERS:
-        raise BadInput(f"recipe: tie {r.tie} needs solver {' or '.join(TIE_SOLVERS)}, not {r.solver}")
+    tiers = [n for n, s in SOLVERS.items() if s.ties]
+    if r.tie != "none" and not SOLVERS.get(r.solver).ties:
+        raise BadInput(f"recipe: tie {r.tie} needs solver {' or '.join(tiers)}, not {r.solver}")
     want("target", r.target is None or r.target in TARGETS, f"one of {', '.join(sorted(TARGETS.names()))}")
-    if r.target is not None and TARGETS.get(r.target).fused_must_match and r.solver not in TIE_SOLVERS + ("order",):
-        raise BadInput(f"recipe: target {r.target} ties fused shards: use solver dp, ilp or order, not {r.solver}")
+    solver = SOLVERS.get(r.solver)
+    if r.target is not None and TARGETS.get(r.target).fused_must_match and not (solver.ties or solver.units == "block"):
+        blockwise = [n for n, s in SOLVERS.items() if s.ties or s.units == "block"]
+        raise BadInput(f"recipe: target {r.target} ties fused shards: use solver {', '.join(blockwise)}, not {r.solver}")
     want("description", isinstance(r.description, str), "a string")
     want("options", isinstance(r.options, Mapping), "a mapping of solver options")
     accepted = [o for o in solver_options(r.solver) if o not in RUNTIME_ONLY]

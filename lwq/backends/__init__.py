@@ -9,7 +9,6 @@ from lwq.backends.bnb import bnb_status
 from lwq.backends.rtn import keep_fp16
 from lwq.spec import GRIDS, LayerSpec
 
-NEEDS_HESSIAN = frozenset({"gptq", "gptq-mse"})
 _MSE_TWIN = {"rtn": "rtn-mse", "gptq": "gptq-mse"}
 _PLAIN = {v: k for k, v in _MSE_TWIN.items()}
 
@@ -32,7 +31,7 @@ def get_backend(name: str) -> Backend:
 
 def needs_hessian(spec: LayerSpec) -> bool:
     """Whether quantizing under ``spec`` needs calibration statistics (GPTQ's Hessian)."""
-    return spec.bits < 16 and spec.backend in NEEDS_HESSIAN
+    return spec.bits < 16 and get_backend(spec.backend).needs_hessian
 
 
 def quantize_weight(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:

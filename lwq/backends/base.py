@@ -1,8 +1,8 @@
-"""The backend interface: ``quantize(weight, spec, hessian=None) -> QuantizedWeight``, by name."""
+"""The backend interface: declared ``Backend`` entries, ``quantize(weight, spec, hessian=None) -> QuantizedWeight``, by name."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -35,10 +35,24 @@ class QuantizedWeight:
         return tuple(self.meta["shape"])  # type: ignore[return-value]
 
 
-class Backend(Protocol):
-    """Quantizes one weight matrix (out, in) under ``spec``; GPTQ uses the Hessian ``H = X^T X``."""
+Quantize = Callable[[torch.Tensor, LayerSpec, Optional[torch.Tensor]], QuantizedWeight]
 
-    def __call__(self, weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight: ...
+
+@dataclass(frozen=True)
+class Backend:
+    """A declared backend: ``quantize(weight (out, in), spec, hessian=None) -> QuantizedWeight``;
+    ``needs_hessian``: it reads the layer's calibration Hessian ``H = X^T X`` (GPTQ); ``fixed_grid``:
+    the (bits, group size) it always stores, or None when the spec chooses; ``package``: an optional
+    package it needs (``lwq doctor`` says whether it is there)."""
+
+    name: str
+    quantize: Quantize
+    needs_hessian: bool = False
+    fixed_grid: Optional[tuple[int, int]] = None
+    package: Optional[str] = None
+
+    def __call__(self, weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+        return self.quantize(weight, spec, hessian)
 
 
 BACKENDS: Registry[Backend] = Registry("backend")

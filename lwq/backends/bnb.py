@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from lwq.backends.base import BACKENDS, QuantizedWeight
+from lwq.backends.base import BACKENDS, Backend, QuantizedWeight
 from lwq.errors import BadInput, LwqError
 from lwq.spec import LayerSpec
 
@@ -78,6 +78,6 @@ def int8_quantize(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor |
     return QuantizedWeight(spec, None, None, None, None, extra=extra, meta={"shape": tuple(W.shape)})
 
 
-BACKENDS.add("bnb-nf4", nf4_quantize)
-BACKENDS.add("bnb-fp4", fp4_quantize)
-BACKENDS.add("bnb-int8", int8_quantize)
+BACKENDS.add("bnb-nf4", Backend("bnb-nf4", nf4_quantize, fixed_grid=(4, 64), package="bitsandbytes"))
+BACKENDS.add("bnb-fp4", Backend("bnb-fp4", fp4_quantize, fixed_grid=(4, 64), package="bitsandbytes"))
+BACKENDS.add("bnb-int8", Backend("bnb-int8", int8_quantize, fixed_grid=(8, -1), package="bitsandbytes"))

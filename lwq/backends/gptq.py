@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lwq.backends.base import BACKENDS, QuantizedWeight
+from lwq.backends.base import BACKENDS, Backend, QuantizedWeight
 from lwq.backends.quant import QParams, minmax_params, mse_params, quantize_values
 from lwq.backends.rtn import storable
 from lwq.errors import BadInput, LwqError
@@ -116,5 +116,5 @@ def gptq_mse_backend(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tenso
     return gptq_quantize(weight, hessian, spec, mse=True)
 
 
-BACKENDS.add("gptq", gptq_backend)
-BACKENDS.add("gptq-mse", gptq_mse_backend)
+BACKENDS.add("gptq", Backend("gptq", gptq_backend, needs_hessian=True))
+BACKENDS.add("gptq-mse", Backend("gptq-mse", gptq_mse_backend, needs_hessian=True))

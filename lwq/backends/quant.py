@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lwq.kernels.pack import group_index
+
 
 @dataclass(frozen=True)
 class QParams:
@@ -18,12 +20,6 @@ class QParams:
 
     scale: torch.Tensor
     zero: torch.Tensor
-
-
-def group_index(in_features: int, group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``g_idx`` without act-order: ``i // group_size`` (all zeros for per-channel, group -1)."""
-    idx = torch.arange(in_features, dtype=torch.int32, device=device)
-    return torch.zeros_like(idx) if group_size == -1 else idx // group_size
 
 
 def minmax_params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from lwq.backends.base import BACKENDS, QuantizedWeight
-from lwq.backends.quant import QParams, group_index, quantize_with, rtn_params
+from lwq.backends.base import BACKENDS, Backend, QuantizedWeight
+from lwq.backends.quant import QParams, quantize_with, rtn_params
+from lwq.kernels.pack import group_index
 from lwq.spec import LayerSpec
 
 FP16_MIN_NORMAL = 2.0**-14
@@ -38,5 +39,5 @@ def keep_fp16(weight: torch.Tensor, spec: LayerSpec) -> QuantizedWeight:
     return QuantizedWeight(spec, None, None, None, None, extra={"weight": w}, meta={"shape": tuple(w.shape)})
 
 
-BACKENDS.add("rtn", rtn_quantize)
-BACKENDS.add("rtn-mse", rtn_mse_quantize)
+BACKENDS.add("rtn", Backend("rtn", rtn_quantize))
+BACKENDS.add("rtn-mse", Backend("rtn-mse", rtn_mse_quantize))

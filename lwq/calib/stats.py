@@ -14,14 +14,14 @@ safetensors by ``lwq.models.lazy``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lwq.models.arch import ArchSpec, arch_for, get_blocks, linear_shape
-from lwq.models.blocks import capture_block_inputs, move_outside_blocks, run_block
+from lwq.models.blocks import BlockLoader, ResidentBlocks, capture_block_inputs, move_outside_blocks, run_block
 
 
 @dataclass(frozen=True)
@@ -80,33 +80,14 @@ class CalibStats:
         raise KeyError(linear)
 
 
-class BlockLoader(Protocol):
-    """Where decoder blocks come from: ``acquire`` puts block ``i`` on ``device`` (materialising it if
-    needed), ``release`` frees or parks it again."""
-
-    def acquire(self, model: nn.Module, i: int, device: torch.device) -> nn.Module: ...
-
-    def release(self, model: nn.Module, i: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class ResidentBlocks:
-    """Blocks already in memory on ``home``: moved to the device for their turn and back after."""
-
-    home: str = "cpu"
-
-    def acquire(self, model: nn.Module, i: int, device: torch.device) -> nn.Module:
-        return get_blocks(model)[i].to(device)
-
-    def release(self, model: nn.Module, i: int) -> None:
-        get_blocks(model)[i].to(self.home)
-
-
 class InputAccumulator:
-    """Running statistics of one linear's input (X rows are tokens)."""
+    """Running statistics of one linear's input (X rows are tokens): ``n``, the per-input-channel
+    absmax and, when ``hessian``, ``H = scale * X^T X / n`` (``scale`` 2 is GPTQ's convention, the
+    quantizer's; 1 is the calibration statistics' mean)."""
 
-    def __init__(self, in_features: int, device: torch.device, hessian: bool) -> None:
+    def __init__(self, in_features: int, device: torch.device, hessian: bool = True, scale: float = 1.0) -> None:
         self.n = 0
+        self.scale = scale
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
         self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
 
@@ -117,11 +98,11 @@ class InputAccumulator:
             return
         self.absmax = torch.maximum(self.absmax, X.abs().amax(dim=0))
         if self.H is not None:
-            # running mean: H_{n+m} = H_n * n/(n+m) + X^T X/(n+m); scaling X first keeps the float32
-            # products of the order of H itself whatever the token count
+            # running mean: H_{n+m} = H_n * n/(n+m) + scale * X^T X/(n+m); scaling X first keeps the
+            # float32 products of the order of H itself whatever the token count
             self.H.mul_(self.n / (self.n + m))
-            Xs = X * (1.0 / (self.n + m)) ** 0.5
-            self.H.addmm_(Xs.t(), Xs)
+            Xs = X * (self.scale / (self.n + m)) ** 0.5
+            self.H += Xs.t() @ Xs
         self.n += m
 
 

@@ -57,7 +57,7 @@ class CalibWriter:
     temporary sibling of ``out`` that ``finish`` renames into place."""
 
     def __init__(self, out: str | Path, force: bool = False, inputs: tuple[str | Path, ...] = ()) -> None:
-        from lwq.outputs import check_output
+        from lwq.fileio import check_output
 
         self.out = check_output(out, "calibration", force, inputs)
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ class CalibWriter:
 
     def finish(self, stats: CalibStats, model_name: str, meta: dict[str, Any] | None = None) -> Path:
         """Write ``calib.json`` and move the folder into place."""
-        from lwq.outputs import swap_in
+        from lwq.fileio import swap_in
 
         doc = calib_doc(stats, model_name, meta, self.stored)
         doc["files"] = sorted(p.name for p in self.tmp.iterdir())  # the output rule: what this folder holds

@@ -4,11 +4,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import typer
-from rich.table import Table
 
-from lwq.commands.common import (DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, check_seed, emit_json,
-                                 refuse_checkpoint, resolve_seqlen)
-from lwq.pipeline import LoadOptions, calibrate_to_dir
+from lwq.commands.common import (emit, DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, check_seed, refuse_checkpoint, resolve_seqlen)
 from lwq.ui import out_console, progress
 
 
@@ -27,6 +24,8 @@ def calibrate_command(
 ) -> None:
     """Run MODEL one decoder block at a time on calibration text and save per-block statistics
     (cosine in/out, norms) and per-linear Hessians X^T X and activation absmax."""
+    from lwq.pipeline import LoadOptions, calibrate_to_dir
+
     check_seed(seed)
     refuse_checkpoint(model, "calibrate")
     seqlen = resolve_seqlen(model, seqlen, 2048)
@@ -36,13 +35,12 @@ def calibrate_command(
             model, data, output, nsamples, seqlen, seed, LoadOptions(dtype, device), force, text_field,
             batch_size, not no_lazy,
             on_block=lambda i, n: prog.update(task, completed=i, total=n))
-    if json_out:
-        emit_json(summary)
-    else:
-        _render(summary)
+    emit(summary, json_out, _render)
 
 
 def _render(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title=f"calibration of {summary['model']} ({summary['nsamples']} x {summary['seqlen']} tokens)")
     table.add_column("block", no_wrap=True)
     for col in ("cos(in,out)", "LIM", "|in| mean±std", "|out| mean±std"):

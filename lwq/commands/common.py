@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import typer
 
@@ -24,6 +24,14 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(finite(json.loads(json.dumps(obj, default=_default))), indent=2,
                                 allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def emit(doc: Any, json_out: bool, render: Callable[[Any], None]) -> None:
+    """``doc`` as one JSON document on stdout (``--json``), else drawn by ``render`` (tables)."""
+    if json_out:
+        emit_json(doc)
+    else:
+        render(doc)
 
 
 def finite(obj: Any) -> Any:

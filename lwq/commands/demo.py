@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
 from lwq.commands.common import JSON_OPT, QUIET_OPT, emit_json
 from lwq.ui import err_console, out_console, progress
@@ -15,10 +14,12 @@ def demo_command(
     json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Build (once, ~2 min) a small Llama trained on the stdlib's docstrings, then run the pipeline."""
+    from rich.table import Table
+
     from pathlib import Path
 
-    from lwq.demo import check_output, run_demo
-    from lwq.models.demo import demo_model
+    from lwq.pipeline.demo import check_output, run_demo
+    from lwq.models.toy import demo_model
 
     check_output(Path(out).expanduser(), force)  # before minutes of training
 

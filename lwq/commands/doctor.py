@@ -7,8 +7,6 @@ import platform
 from typing import Any
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from lwq.commands.common import JSON_OPT, emit_json
 from lwq.ui import out_console
@@ -19,8 +17,6 @@ PACKAGES = {"torch": "torch", "transformers": "transformers", "safetensors": "sa
             "compressed-tensors": "compressed_tensors"}
 EXTRAS = {"triton": "lwq[triton]", "bitsandbytes": "lwq[bnb]", "lm-eval": "lwq[lm-eval]", "highspy": "lwq[ilp]",
           "compressed-tensors": "lwq[serve]"}
-# solvers that need an optional package: name -> import name
-SOLVER_NEEDS = {"ilp": "highspy"}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -62,9 +58,9 @@ def cuda_status() -> dict[str, Any]:
 def backend_status() -> list[dict[str, Any]]:
     from lwq.backends import BACKENDS, bnb_status
 
-    bnb = bnb_status()
-    return [{"name": n, "available": not (n.startswith("bnb") and bnb), "reason": bnb if n.startswith("bnb") else None}
-            for n in BACKENDS.names()]
+    bnb = bnb_status()  # the one optional package a backend needs today
+    return [{"name": n, "available": not (b.package and bnb), "reason": bnb if b.package else None}
+            for n, b in BACKENDS.items()]
 
 
 def kernel_rows() -> list[dict[str, Any]]:
@@ -78,8 +74,8 @@ def solver_status() -> list[dict[str, Any]]:
     from lwq.allocate import SOLVERS
 
     rows = []
-    for name in SOLVERS.names():
-        need = SOLVER_NEEDS.get(name)
+    for name, solver in SOLVERS.items():
+        need = solver.package
         missing = need is not None and importlib.util.find_spec(need) is None
         rows.append({"name": name, "available": not missing,
                      "reason": f"needs {need}: pip install {need} (or lwq[ilp])" if missing else None})
@@ -88,7 +84,7 @@ def solver_status() -> list[dict[str, Any]]:
 
 def transformers_status() -> dict[str, Any]:
     """Whether ``AutoModelForCausalLM.from_pretrained`` can load lwq checkpoints (lwq's quantizer registers)."""
-    from lwq.hf import register
+    from lwq.formats.hf_register import register
 
     try:
         register()
@@ -110,7 +106,7 @@ def target_rows() -> list[dict[str, Any]]:
 
 def doctor_report() -> dict[str, Any]:
     """The JSON document of ``lwq doctor --json``."""
-    from lwq import __version__
+    from lwq.spec import __version__
 
     backends = backend_status()  # first: it keeps bitsandbytes' import-time advice off stderr
     packages = {name: package_status(mod) for name, mod in PACKAGES.items()}
@@ -124,6 +120,9 @@ def doctor_report() -> dict[str, Any]:
 
 def doctor_command(json_out: bool = JSON_OPT) -> None:
     """Versions, CUDA device and capability, and which backends, kernels and solvers work here (and why not)."""
+    from rich.markup import escape
+    from rich.table import Table
+
     report = doctor_report()
     if json_out:
         emit_json(report)

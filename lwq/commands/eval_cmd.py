@@ -1,20 +1,22 @@
 """``lwq eval``: perplexity as a table or JSON, with CI gates that set the exit code."""
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import typer
-from rich.table import Table
 
-from lwq.commands.common import (DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, parse_percent,
+from lwq.commands.common import (emit, DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, parse_percent,
                                  parse_size, resolve_seqlen)
 from lwq.errors import BadInput, GateFailed
-from lwq.eval.harness import compare_docs, lm_eval_module, parse_tasks, run_tasks
-from lwq.pipeline import LoadOptions, evaluate_ppl
 from lwq.ui import err_console, out_console, progress
+
+if TYPE_CHECKING:
+    from lwq.pipeline import LoadOptions
 
 
 def _ppl(name: str, label: str, quiet: bool, **kw: Any) -> Any:
+    from lwq.pipeline import evaluate_ppl
+
     with progress(quiet) as prog:
         task = prog.add_task(f"perplexity {label}", total=None)
         return evaluate_ppl(name, on_step=lambda i, n: prog.update(task, completed=i, total=n), **kw)
@@ -26,7 +28,10 @@ DEFAULT_DATA = "wikitext2"
 def _evaluate(name: str, data: str | None, tasks: list[str] | None, limit: int | None, quiet: bool,
               kw: dict[str, Any]) -> dict[str, Any]:
     """One model loaded once: perplexity on ``data`` (when given) and lm-eval ``tasks`` (when given)."""
-    from lwq.models.load import load_model, load_tokenizer
+    from lwq.eval.harness import run_tasks
+
+    from lwq.models.load import load_tokenizer
+    from lwq.pipeline.load import load_model
 
     load = kw["load"]
     model = load_model(name, load.dtype, load.device, load.trust_remote_code)
@@ -58,6 +63,9 @@ def eval_command(
 ) -> None:
     """Perplexity of MODEL on a text source (sliding window; see README), with CI gates; zero-shot tasks
     with --tasks; two models side by side with --compare A B."""
+    from lwq.eval.harness import lm_eval_module, parse_tasks
+    from lwq.pipeline import LoadOptions
+
     load = LoadOptions(dtype, device, trust_remote_code, parse_size(max_memory, "--max-memory"))
     task_list = parse_tasks(tasks) if tasks is not None else None
     if limit is not None and task_list is None:
@@ -121,6 +129,8 @@ def eval_command(
 
 
 def _render(doc: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title="perplexity")
     for col in ("model", "data", "ppl", "nll", "tokens", "windows", "seqlen", "stride"):
         table.add_column(col, justify="left" if col in ("model", "data") else "right")
@@ -139,13 +149,12 @@ def _render(doc: dict[str, Any]) -> None:
 def _tasks_only(model: str, tasks: list[str], limit: int | None, batch_size: int, load: LoadOptions, json_out: bool,
                 quiet: bool) -> None:
     doc = _evaluate(model, None, tasks, limit, quiet or json_out, {"load": load, "batch_size": batch_size})
-    if json_out:
-        emit_json(doc)
-    else:
-        _render_tasks(doc)
+    emit(doc, json_out, _render_tasks)
 
 
 def _render_tasks(doc: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title=f"lm-eval tasks: {doc['model']}")
     for col in ("task", "metric", "value"):
         table.add_column(col, justify="left" if col != "value" else "right")
@@ -159,6 +168,9 @@ def _compare(names: list[str], data: str | None, tasks: list[str] | None, limit:
              stride: Optional[int], max_samples: Optional[int], batch_size: int, text_field: str, load: LoadOptions,
              json_out: bool, quiet: bool) -> None:
     """``--compare A B``: both models on the same data (and tasks), side by side with deltas (B - A)."""
+    from rich.table import Table
+    from lwq.eval.harness import compare_docs
+
     if data is None and tasks is None:
         data = DEFAULT_DATA
     kw: dict[str, Any] = dict(seqlen=seqlen, stride=stride, max_windows=max_samples, batch_size=batch_size, load=load,

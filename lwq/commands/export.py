@@ -4,9 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from lwq.commands.common import JSON_OPT, QUIET_OPT, emit_json, fmt_bytes
+from lwq.commands.common import emit, JSON_OPT, QUIET_OPT, fmt_bytes
 from lwq.errors import BadInput
 from lwq.ui import err_console, out_console
 
@@ -56,11 +55,11 @@ def export_command(
 ) -> None:
     """Export CHECKPOINT for a serving engine: GPTQ (config.json + quantize_config.json with dynamic overrides) or
     compressed-tensors pack-quantized."""
-    from lwq import __version__
+    from lwq.spec import __version__
     from lwq.formats.ct_export import export_compressed_tensors, require_library
     from lwq.formats.export import export_gptq
     from lwq.formats.export_io import open_source
-    from lwq.outputs import check_output
+    from lwq.fileio import check_output
 
     from lwq.formats.targets import FORMAT_NAMES, TARGETS
 
@@ -76,16 +75,15 @@ def export_command(
         summary = export_compressed_tensors(src, out, target, fix, __version__)
     else:
         summary = export_gptq(src, out, target, fix, __version__)
-    if json_out:
-        emit_json(summary)
-        return
-    _render(summary)
+    emit(summary, json_out, _render)
     log = err_console(quiet)
     for note in summary["notes"]:
         log.print(f"[yellow]note[/]: {note}", highlight=False)
 
 
 def _render(s: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title=f"exported {s['source']} -> {s['output']} ({s['format']} for {s['target']})")
     table.add_column("", justify="left")
     table.add_column("value", justify="right")

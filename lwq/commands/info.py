@@ -4,18 +4,17 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from lwq.commands.common import JSON_OPT, TRUST_OPT, emit_json, fmt_bytes
-from lwq.formats.bytes import layer_bytes
-from lwq.models.arch import arch_for, get_blocks, linear_names, linear_shape
-from lwq.models.load import load_model
-from lwq.spec import LayerSpec
 from lwq.ui import out_console
 
 
 def model_info(model: Any, group_size: int = 128) -> dict[str, Any]:
     """Facts about a loaded model, with exact sizes under uniform GPTQ-layout quantization."""
+    from lwq.formats.bytes import layer_bytes
+    from lwq.models.arch import arch_for, get_blocks, linear_names, linear_shape
+    from lwq.spec import LayerSpec
+
     spec = arch_for(model)
     names = linear_names(model, spec)
     shapes = [linear_shape(model.get_submodule(n)) for n in names]
@@ -28,7 +27,7 @@ def model_info(model: Any, group_size: int = 128) -> dict[str, Any]:
         q = sum(layer_bytes(o, i, s) for o, i in shapes)
         sizes[str(bits)] = {"bytes": q + rest_bytes, "bits_per_weight": 8 * q / quantizable}
     return {
-        "model_type": getattr(model.config, "model_type", None), "arch": spec.name,
+        "model_type": getattr(model.config, "model_type", None), "arch": spec.name, "arch_note": spec.why_generic or None,
         "num_blocks": len(get_blocks(model, spec)), "num_params": num_params,
         "quantizable_params": quantizable, "num_linears": len(names), "linear_layers": names,
         "group_size": group_size, "sizes": sizes,
@@ -40,13 +39,14 @@ def _model(model: str, trust_remote_code: bool) -> Any:
     architecture on the meta device (the original shapes; what the plan made of them is in
     config.json's quantization_config and ``lwq report``)."""
     from lwq.models.load import is_lwq_checkpoint, looks_local, read_config
+    from lwq.pipeline.load import load_model
 
     if looks_local(model) and is_lwq_checkpoint(model):
         from lwq.formats.checkpoint import verify_manifest
-        from lwq.formats.export_io import meta_model
+        from lwq.formats.folder import model_from_config
 
         verify_manifest(model)
-        return meta_model(read_config(model))
+        return model_from_config(read_config(model), meta=True)
     return load_model(model, "float32", "cpu", trust_remote_code)
 
 
@@ -56,6 +56,9 @@ def info_command(
     trust_remote_code: bool = TRUST_OPT, json_out: bool = JSON_OPT,
 ) -> None:
     """Architecture, decoder blocks, linears, parameter count and size at 16/8/4/3/2 bits."""
+    from rich.table import Table
+    from lwq.spec import LayerSpec
+
     LayerSpec(group_size=group_size)  # validates the group size with a clear error
     doc = {"model": model, **model_info(_model(model, trust_remote_code), group_size)}
     if json_out:
@@ -65,6 +68,8 @@ def info_command(
     con.print(f"[bold]{model}[/]: {doc['arch']} ({doc['model_type']}), {doc['num_blocks']} blocks, "
               f"{doc['num_linears']} quantizable linears, {doc['num_params']:,} parameters "
               f"({doc['quantizable_params']:,} in block linears)")
+    if doc["arch_note"]:
+        con.print(f"generic layout: {doc['arch_note']}")
     table = Table(title=f"size when block linears are quantized (GPTQ layout, group {group_size}; "
                         "embeddings and head in 16-bit)")
     table.add_column("bits", justify="right")

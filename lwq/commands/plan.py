@@ -3,44 +3,30 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.table import Table
 
-from lwq.allocate.plan import Plan, plan_to_dict, save_plan
-from lwq.commands.common import (
-    BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, MEASURE_WITH_OPT, TIE_OPT, TARGET_OPT, CALIB_OPT, DATA_OPT,
-    DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, MAX_MEMORY_OPT, parse_size, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
-    check_seed, refuse_checkpoint, resolve_seqlen,
-)
-from lwq.commands.quantize import budget_recipe
+from lwq.commands.common import (DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, JSON_OPT, MAX_MEMORY_OPT, QUIET_OPT, TRUST_OPT,
+                                 check_seed, emit_json, fmt_bytes, parse_size, refuse_checkpoint)
+from lwq.commands.options import PlanFlags, with_plan_flags
 from lwq.errors import BadInput
-from lwq.measure import parse_devices
-from lwq.pipeline import LoadOptions, plan_for_model
 from lwq.ui import err_console, out_console, progress
 
+if TYPE_CHECKING:
+    from lwq.allocate.planfile import Plan
 
+
+@with_plan_flags
 def plan_command(
     model: str = typer.Argument(..., help="Model folder or hub id."),
     output: str = typer.Option(..., "--output", "-o", help="Plan JSON to write."),
-    budget: Optional[str] = BUDGET_OPT,
-    config: Optional[str] = CONFIG_OPT,
-    solver: Optional[str] = SOLVER_OPT,
-    scorer: Optional[str] = SCORER_OPT,
-    candidate_bits: Optional[str] = CANDIDATE_BITS_OPT,
+    flags: PlanFlags = PlanFlags(),
     backend: Optional[str] = typer.Option(None, "--backend", help="Backend the plan's specs name (default gptq)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Group size of the candidates (default 128)."),
     sym: bool = typer.Option(False, "--sym", help="Symmetric candidates."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (W4A8/W6A8 candidates)."),
-    tie: Optional[str] = TIE_OPT,
-    target: Optional[str] = TARGET_OPT,
-    measure_with: Optional[str] = MEASURE_WITH_OPT,
-    data: Optional[str] = DATA_OPT,
-    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
-    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default 2048, capped at the model's context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and for the random/search solvers."),
-    calib: Optional[str] = CALIB_OPT,
     error_db: Optional[str] = typer.Option(None, "--error-db", help="JSON of measured candidate errors: reused if present, written after measuring."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of bits per layer."),
@@ -49,19 +35,18 @@ def plan_command(
     max_memory: Optional[str] = MAX_MEMORY_OPT, trust_remote_code: bool = TRUST_OPT, json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Plan bits per layer of MODEL under a budget; the plan is JSON you can edit and pass to `lwq quantize --plan`."""
+    from lwq.allocate.planfile import plan_to_dict, save_plan
+    from lwq.pipeline import LoadOptions, plan_for_model
+    from lwq.score.workers import parse_devices
+
     if Path(output).is_dir():
         raise BadInput(f"plan output {output} is a folder; give a file name such as plan.json")
     if Path(output).exists() and not force:
         raise BadInput(f"output {output} already exists; pass --force to replace it")
     check_seed(seed)
     refuse_checkpoint(model, "plan")
-    if seqlen is not None:
-        resolve_seqlen(model, seqlen, 2048)  # a given --seqlen must fit the context
-    for name, val in (("--nsamples", nsamples), ("--seqlen", seqlen)):
-        if val is not None and val < 1:
-            raise BadInput(f"{name} must be positive, got {val}")
-    recipe = budget_recipe(config, budget, solver, scorer, candidate_bits, backend, group_size, sym, act_bits,
-                           nsamples, seqlen, data, tie, measure_with, target=target)
+    flags.check(model)
+    recipe = flags.recipe(backend, group_size, sym, act_bits)
     workers = parse_devices(devices)
     if recipe.budget is None:
         raise BadInput("no budget: pass --budget (e.g. 3.25bit, 4GB, 0.25x) or a --config recipe with one")
@@ -69,7 +54,7 @@ def plan_command(
         task = prog.add_task(f"planning ({recipe.solver}, {recipe.scorer})", total=None)
         plan, _ = plan_for_model(model, recipe, recipe.data, recipe.nsamples, recipe.seqlen, seed,
                                  LoadOptions(dtype, device, trust_remote_code, parse_size(max_memory, "--max-memory")),
-                                 text_field, calib,
+                                 text_field, flags.calib,
                                  lambda i, n: prog.update(task, completed=i, total=n), error_db=error_db,
                                  devices=workers)
     save_plan(plan, output)
@@ -87,6 +72,8 @@ def plan_command(
 
 def render_plan(plan: Plan) -> None:
     """A rich table of the plan and its totals."""
+    from rich.table import Table
+
     table = Table(title=f"plan: {plan.budget} with {plan.solver} ({plan.scorer}); {plan.counted}; {plan.kept_16bit}")
     for col in ("layer", "bits", "group", "format", "bytes", "bpw", "estimate"):
         table.add_column(col, justify="left" if col in ("layer", "format") else "right")

@@ -2,38 +2,33 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.table import Table
 
-from lwq.commands.common import (
-    BUDGET_OPT, CONFIG_OPT, SOLVER_OPT, SCORER_OPT, CANDIDATE_BITS_OPT, MEASURE_WITH_OPT, TIE_OPT, TARGET_OPT, CALIB_OPT, DATA_OPT,
-    DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, MAX_MEMORY_OPT, JSON_OPT, parse_size, QUIET_OPT, TRUST_OPT, emit_json, fmt_bytes,
-    check_seed, resolve_seqlen,
-)
-from lwq.allocate.recipes import Recipe, load_recipe, merge, parse_bits
-from lwq.backends import with_grid
-from lwq.backends.refine import REFINABLE_FORMATS, RefineConfig, parse_refine
+from lwq.commands.common import (emit, DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, JSON_OPT, MAX_MEMORY_OPT, QUIET_OPT, TRUST_OPT,
+                                 check_seed, fmt_bytes, parse_size)
+from lwq.commands.options import PlanFlags, with_plan_flags
 from lwq.errors import BadInput, LwqError
-from lwq.measure import parse_devices
-from lwq.models.arch import linear_names
-from lwq.pipeline import LoadOptions, quantize_to_checkpoint, quantize_with_budget
-from lwq.spec import LayerSpec, make_spec
 from lwq.ui import out_console, progress
 
-# backends that fix the storage grid themselves: (bits, group size)
-FIXED_GRID = {"bnb-nf4": (4, 64), "bnb-fp4": (4, 64), "bnb-int8": (8, -1)}
+if TYPE_CHECKING:
+    from lwq.spec import LayerSpec
+    from lwq.pipeline.refine import RefineConfig
+
+
 
 
 def uniform_spec(bits: int, group_size: int | None, sym: bool, backend: str, act_bits: int,
                  act_order: bool) -> LayerSpec:
     """The one spec of a uniform plan, with the option combinations checked."""
+    from lwq.spec import make_spec
+
     from lwq.backends import get_backend
 
-    get_backend(backend)
-    if backend in FIXED_GRID:
-        want_bits, want_group = FIXED_GRID[backend]
+    fixed = get_backend(backend).fixed_grid
+    if fixed is not None:
+        want_bits, want_group = fixed
         if bits != want_bits:
             raise BadInput(f"--backend {backend} stores {want_bits}-bit weights; pass --bits {want_bits}")
         if group_size not in (None, want_group):
@@ -46,29 +41,19 @@ def uniform_spec(bits: int, group_size: int | None, sym: bool, backend: str, act
     return make_spec(bits, 128 if group_size is None else group_size, sym, backend, act_bits, act_order)
 
 
+@with_plan_flags
 def quantize_command(
     model: str = typer.Argument(..., help="Model folder or hub id (safetensors weights)."),
     output: str = typer.Option(..., "--output", "-o", help="Folder to write the checkpoint to."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Uniform: weight bits 2, 3, 4, 6, 8 for every layer."),
-    budget: Optional[str] = BUDGET_OPT,
     plan_file: Optional[str] = typer.Option(None, "--plan", help="Apply a plan JSON (from `lwq plan`, maybe hand-edited)."),
-    config: Optional[str] = CONFIG_OPT,
-    solver: Optional[str] = SOLVER_OPT,
-    scorer: Optional[str] = SCORER_OPT,
-    candidate_bits: Optional[str] = CANDIDATE_BITS_OPT,
-    tie: Optional[str] = TIE_OPT,
-    target: Optional[str] = TARGET_OPT,
-    measure_with: Optional[str] = MEASURE_WITH_OPT,
-    calib: Optional[str] = CALIB_OPT,
+    flags: PlanFlags = PlanFlags(),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns per scale: 32, 64, 128 (default), 256 or -1 (per channel)."),
     sym: bool = typer.Option(False, "--sym/--no-sym", help="Symmetric grid (default: asymmetric with zero points)."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="rtn (default with --bits), rtn-mse, gptq (default with --budget), bnb-nf4, bnb-fp4, bnb-int8."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (int8 activations: W4A8/W6A8)."),
     smooth_alpha: str = typer.Option("0.5", "--smooth-alpha", help="Int8-activation layers: SmoothQuant migration strength in [0, 1] (default 0.5), or off."),
-    data: Optional[str] = DATA_OPT,
-    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default 128)."),
-    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 2048, capped at the model's context)."),
     refine: Optional[str] = typer.Option(None, "--refine", help="block: after its backend, tune each block's rounding and grids so it reproduces the full-precision block's outputs (default for --budget, --plan and recipe runs, and for --bits runs given --data); none: keep the backend's result as it is."),
     refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Refinement: signed-gradient steps per block (default 200; 0 = none)."),
     refine_lr: Optional[float] = typer.Option(None, "--refine-lr", help="Refinement: first step size (default 1/steps, decaying linearly to 0)."),
@@ -83,19 +68,20 @@ def quantize_command(
 ) -> None:
     """Quantize MODEL's decoder-block linears: uniformly (--bits), under a budget (--budget or a
     --config recipe: calibrate, score, plan, quantize), or by a plan file (--plan); write a checkpoint."""
-    modes = [m for m, v in (("--bits", bits), ("--budget", budget), ("--plan", plan_file)) if v is not None]
+    from lwq.backends import with_grid
+    from lwq.pipeline.refine import REFINABLE_FORMATS, parse_refine
+    from lwq.pipeline import LoadOptions, quantize_to_checkpoint, quantize_with_budget
+    from lwq.score.workers import parse_devices
+
+    modes = [m for m, v in (("--bits", bits), ("--budget", flags.budget), ("--plan", plan_file)) if v is not None]
     if len(modes) > 1:
         raise BadInput(f"give only one of --bits, --budget, --plan (got {' and '.join(modes)})")
     check_seed(seed)
-    if seqlen is not None:
-        resolve_seqlen(model, seqlen, 2048)  # a given --seqlen must fit the context
-    for name, val in (("--nsamples", nsamples), ("--seqlen", seqlen)):
-        if val is not None and val < 1:
-            raise BadInput(f"{name} must be positive, got {val}")
+    flags.check(model)
     load = LoadOptions(dtype, device, trust_remote_code, parse_size(max_memory, "--max-memory"))
     workers = parse_devices(devices)
     alpha = parse_alpha(smooth_alpha)
-    if workers and budget is None and config is None:
+    if workers and flags.budget is None and flags.config is None:
         raise BadInput("--devices spreads planning measurements over devices: it needs --budget or a --config recipe")
     if grid is not None:
         grid = grid.strip().lower()
@@ -103,9 +89,7 @@ def quantize_command(
     if refine is not None:
         refine = parse_refine(refine)
     if bits is None:
-        recipe = budget_recipe(config, budget, solver, scorer, candidate_bits, backend, group_size, sym, act_bits,
-                               nsamples, seqlen, data, tie, measure_with, refine, refine_steps, grid,
-                               target)
+        recipe = flags.recipe(backend, group_size, sym, act_bits, refine=refine, refine_steps=refine_steps, grid=grid)
         cfg = refine_config(recipe.refine, recipe.refine_steps, refine_lr, refine_batch)
         if recipe.budget is None and plan_file is None:
             raise BadInput("nothing to do: pass --bits B, --budget (e.g. 3.25bit), --plan plan.json or a --config recipe")
@@ -113,23 +97,23 @@ def quantize_command(
             task = prog.add_task("plan and quantize", total=None)
             step = lambda i, n: prog.update(task, completed=i, total=n)  # noqa: E731
             res = quantize_with_budget(model, output, recipe, recipe.data, recipe.nsamples, recipe.seqlen, seed, load,
-                                       force, text_field, calib, step, step, plan=plan_file, resume=resume,
+                                       force, text_field, flags.calib, step, step, plan=plan_file, resume=resume,
                                        devices=workers, smooth_alpha=alpha, refine=cfg, grid=recipe.grid,
                                        on_refine=refine_bar(prog) if cfg else None)
         _finish(res.summary, recipe.budget or res.summary.get("budget"), json_out)
         return
-    if config is not None:
+    if flags.config is not None:
         raise BadInput("--config recipes plan under a budget; drop --bits (or --config)")
     chosen = backend or "rtn"
     spec = uniform_spec(bits, group_size, sym, chosen if grid is None else with_grid(chosen, grid), act_bits or 16,
                         act_order)
-    nsamples, seqlen = nsamples or 128, seqlen or 2048
+    data, nsamples, seqlen = flags.data, flags.nsamples or 128, flags.seqlen or 2048
     mode = refine or ("block" if data is not None and spec.format in REFINABLE_FORMATS else "none")
     cfg = refine_config(mode, 200 if refine_steps is None else refine_steps, refine_lr, refine_batch)
     if cfg is not None and spec.format not in REFINABLE_FORMATS:
         raise BadInput(f"--refine block tunes integer grids (gptq, int6, w4a8 formats), not {spec.format}; "
                        "pass --refine none")
-    plan_fn = uniform_plan(spec, target)
+    plan_fn = uniform_plan(spec, flags.target)
     with progress(quiet or json_out) as prog:
         task = prog.add_task(f"quantize {spec.label}", total=None)
         res = quantize_to_checkpoint(
@@ -144,6 +128,8 @@ def quantize_command(
 def uniform_plan(spec: LayerSpec, target: str | None) -> Any:
     """``model -> plan`` giving every linear ``spec``; with a serving target, the spec it serves for each
     layer (symmetric, a whole group size), or one line naming a layer it cannot serve."""
+    from lwq.models.arch import linear_names
+
     from lwq.formats.targets import TARGETS, check, served_spec
 
     if target is None:
@@ -177,6 +163,8 @@ def refine_bar(prog: Any) -> Any:
 
 def refine_config(mode: str, steps: int, lr: float | None, batch: int) -> RefineConfig | None:
     """The refinement settings of a run (None for ``--refine none`` or 0 steps); bad values are BadInput."""
+    from lwq.pipeline.refine import RefineConfig
+
     cfg = RefineConfig(steps, lr, batch)
     return cfg if mode == "block" and steps > 0 else None
 
@@ -194,37 +182,17 @@ def parse_alpha(text: str) -> float | None:
     return value
 
 
-def budget_recipe(config: str | None, budget: str | None, solver: str | None, scorer: str | None,
-                  candidate_bits: str | None, backend: str | None, group_size: int | None, sym: bool,
-                  act_bits: int | None, nsamples: int | None, seqlen: int | None, data: str | None,
-                  tie: str | None, measure_with: str | None = None, refine: str | None = None,
-                  refine_steps: int | None = None, grid: str | None = None, target: str | None = None) -> Recipe:
-    """The recipe from ``--config`` (or the defaults) with the flags that were given on top."""
-    from lwq.score import SCORERS
-
-    base = load_recipe(config) if config else Recipe()
-    overrides = {"budget": budget, "solver": solver, "scorer": scorer,
-                 "bits": parse_bits(candidate_bits) if candidate_bits is not None else None, "backend": backend,
-                 "group_size": group_size, "sym": sym or None, "act_bits": act_bits, "nsamples": nsamples,
-                 "seqlen": seqlen, "data": data, "tie": tie, "measure_with": measure_with, "refine": refine,
-                 "refine_steps": refine_steps, "grid": grid, "target": target}
-    recipe = merge(base, overrides)
-    SCORERS.get(recipe.scorer)
-    return dataclasses.replace(recipe, backend=with_grid(recipe.backend, recipe.grid))
-
-
 def _finish(summary: dict[str, Any], budget: str | None, json_out: bool) -> None:
     """Print the summary; a result above its budget (the run's, or the one a --plan file states:
     a hand-edited plan can exceed it) is a failure, exit 1, after the checkpoint is written."""
-    if json_out:
-        emit_json(summary)
-    else:
-        _render(summary)
+    emit(summary, json_out, _render)
     if budget is not None and summary.get("budget_exceeded"):
         raise LwqError(f"the checkpoint exceeds the budget {budget}: {summary['bits_per_weight']:.4f} bits per weight")
 
 
 def _render(s: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title=f"quantized {s['source']} -> {s['output']}")
     table.add_column("", justify="left")
     table.add_column("value", justify="right")

@@ -4,11 +4,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import typer
-from rich.table import Table
 
 from lwq.commands.common import (DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, check_seed, emit_json,
                                  refuse_checkpoint, resolve_seqlen)
-from lwq.pipeline import LoadOptions, score_layers
 from lwq.score import SCORERS, ScoreConfig, parse_methods
 from lwq.ui import err_console, out_console, progress
 
@@ -31,6 +29,8 @@ def score_command(
     dtype: str = DTYPE_OPT, device: str = DEVICE_OPT, json_out: bool = JSON_OPT, quiet: bool = QUIET_OPT,
 ) -> None:
     """Score and rank layers (higher score / rank 1 = more important) with lim, zd, hessian, sensitivity."""
+    from lwq.pipeline import LoadOptions, score_layers
+
     methods = parse_methods(method)
     check_seed(seed)
     refuse_checkpoint(source, "score")
@@ -63,6 +63,8 @@ def score_command(
 
 
 def _render(doc: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title=f"layer importance ({doc['granularity']}; higher score, rank 1 = more important)")
     table.add_column("layer", no_wrap=True)
     for m in doc["methods"]:

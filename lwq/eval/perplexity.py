@@ -106,7 +106,7 @@ def perplexity_by_blocks(
     batch_size: int = 4, on_step: Callable[[int, int], None] | None = None, device: torch.device | str = "cpu",
     loader: Any = None,
 ) -> PplResult:
-    """``perplexity`` one decoder block at a time: ``loader`` (``lwq.calib.stats.BlockLoader``) brings
+    """``perplexity`` one decoder block at a time: ``loader`` (``lwq.models.blocks.BlockLoader``) brings
     each block to ``device`` once for all windows; the modules outside the blocks must be on
     ``device``. ``on_step`` counts blocks, then the head."""
     from lwq.models.arch import arch_for, get_blocks

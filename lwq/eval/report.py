@@ -49,15 +49,15 @@ def _read_json(path: Path) -> Any:
 
 def checkpoint_plan(folder: Path) -> Any:
     """The ``Plan`` of an lwq checkpoint, with exact costs and sizes (so its real bits per weight)."""
-    from lwq.allocate.plan import Plan, PlanEntry, load_plan, reprice
+    from lwq.allocate.planfile import Plan, PlanEntry, load_plan, reprice
     from lwq.formats.checkpoint import read_plan
-    from lwq.formats.export_io import meta_model
+    from lwq.formats.folder import model_from_config
     from lwq.models.arch import linear_shape
     from lwq.models.load import read_config
 
     config = read_config(folder)
     specs = read_plan(config)
-    model = meta_model(config)
+    model = model_from_config(config, meta=True)
     shapes = {n: linear_shape(model.get_submodule(n)) for n in specs}
     if (folder / PLAN_FILE).is_file():
         plan = load_plan(folder / PLAN_FILE)
@@ -209,12 +209,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
 
 def publish_report(folders: Sequence[str], out_dir: str | Path, results: Sequence[str] = (),
                    force: bool = False) -> dict[str, Any]:
-    """``build_report`` under the one output rule (``lwq.outputs``, kind ``report``): built beside
+    """``build_report`` under the one output rule (``lwq.fileio``, kind ``report``): built beside
     ``out_dir`` and renamed into place; an existing folder is replaced only with ``force`` and only
     when it is an earlier report (or empty); never a checkpoint folder it reads."""
     import json
 
-    from lwq.outputs import OutputLock, check_output, publish
+    from lwq.fileio import OutputLock, check_output, publish
 
     out = check_output(out_dir, "report", force, inputs=list(folders) + list(results))
     built: dict[str, Any] = {}

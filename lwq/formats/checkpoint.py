@@ -7,22 +7,20 @@ linears for ``QuantizedLinear``s before loading the tensors strictly.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
 import shutil
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from lwq.errors import BadInput, LwqError
+from lwq.errors import BadInput
+from lwq.fileio import write_error
+from lwq.formats.folder import (MAX_SHARD_BYTES, TOKENIZER_FILES, TensorRef, copy_side_files,
+                               model_from_config, sha256_file, write_json, write_shards)
 from lwq.formats.qlinear import QuantizedLinear, add_v1_tensors, install_empty
 from lwq.models.load import read_config, resolve_device, resolve_dtype
 from lwq.spec import LayerSpec
@@ -30,10 +28,6 @@ from lwq.spec import LayerSpec
 FORMAT_VERSION = 2  # 2: no g_idx stored for layers without act-order (1: stored for every gptq layer)
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "lwq_manifest.json"
-INDEX = "model.safetensors.index.json"
-MAX_SHARD_BYTES = 2 * 1024**3
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def quantization_config(plan: dict[str, LayerSpec]) -> dict[str, Any]:
@@ -61,83 +55,6 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-@dataclass(frozen=True)
-class TensorRef:
-    """A tensor to write: its dtype and shape now, its data only when its turn comes (``read``), so a
-    checkpoint can be streamed from files without holding it in memory."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    read: Callable[[], torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    @classmethod
-    def of(cls, t: torch.Tensor) -> "TensorRef":
-        return cls(t.dtype, tuple(t.shape), lambda: t)
-
-
-# safetensors' dtype names, in the order its writer sorts them (descending alignment, then name)
-_ST_DTYPES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32",
-              torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16",
-              torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3",
-              torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-_ST_RANK = {dt: i for i, dt in enumerate(_ST_DTYPES)}
-
-
-def write_safetensors(path: str | Path, tensors: dict[str, TensorRef], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file one tensor at a time (the bytes ``safetensors.torch.save_file``
-    writes for the same tensors: same order, header and padding); memory stays one tensor."""
-    if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for
-        raise LwqError("writing safetensors needs a little-endian machine")
-    bad = sorted({str(r.dtype) for r in tensors.values() if r.dtype not in _ST_RANK})
-    if bad:
-        raise LwqError(f"cannot write tensors of dtype {bad[0]} to safetensors")
-    order = sorted(tensors, key=lambda k: (_ST_RANK[tensors[k].dtype], k))
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for k in order:
-        ref = tensors[k]
-        header[k] = {"dtype": _ST_DTYPES[ref.dtype], "shape": list(ref.shape),
-                     "data_offsets": [offset, offset + ref.nbytes]}
-        offset += ref.nbytes
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        for k in order:
-            ref = tensors[k]
-            t = ref.read().detach().to("cpu").contiguous()
-            if t.dtype != ref.dtype or tuple(t.shape) != ref.shape:
-                raise LwqError(f"tensor {k} changed: {t.dtype} {tuple(t.shape)}, expected {ref.dtype} {ref.shape}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-            del t
-
-
-def _shards(state: dict[str, TensorRef], max_bytes: int) -> list[dict[str, TensorRef]]:
-    shards: list[dict[str, TensorRef]] = [{}]
-    size = 0
-    for key, ref in state.items():
-        n = ref.nbytes
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = ref
-        size += n
-    return shards
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, LayerSpec], source: str,
                     extra_meta: dict[str, Any] | None = None, force: bool = False, tokenizer: Any = None,
                     max_shard_bytes: int = MAX_SHARD_BYTES, extra_files: dict[str, Any] | None = None,
@@ -149,8 +66,8 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, Layer
     write (full disk, interrupt) leaves it as it was. The tokenizer is saved from ``tokenizer`` or
     copied from ``source``'s folder. ``extra_files`` (file name -> JSON-able object, e.g. the plan)
     are written inside it too. ``state``: the tensors to write, in order (default: the model's own;
-    ``lwq.resume`` streams the blocks from its work folder instead)."""
-    from lwq.outputs import check_output, publish
+    ``lwq.pipeline.workdir`` streams the blocks from its work folder instead)."""
+    from lwq.fileio import check_output, publish
 
     src = Path(source).expanduser()
     out = check_output(out_dir, "checkpoint", force, inputs=[src] if src.exists() else [])
@@ -167,7 +84,7 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, Layer
     def build(tmp: Path) -> None:
         names = _write(model, tmp, plan, src, tokenizer, max_shard_bytes, state)
         for fname, obj in (extra_files or {}).items():
-            _dump(tmp / fname, obj)
+            write_json(tmp / fname, obj)
         _write_manifest(tmp, names, src, extra_meta or {})
 
     try:
@@ -177,33 +94,17 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, Layer
     return out
 
 
-def write_error(target: str | Path, exc: OSError) -> LwqError:
-    """The one-line error for a failed write (full disk, read-only or missing folder, ...)."""
-    reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else "") or str(exc) or type(exc).__name__
-    return LwqError(f"could not write {target}: {reason}")
-
-
 def _write(model: nn.Module, tmp: Path, plan: dict[str, LayerSpec], src: Path, tokenizer: Any,
            max_shard_bytes: int, state: dict[str, TensorRef]) -> list[str]:
     """Shards, config.json, tokenizer and generation config; returns the shard names."""
-    shards = _shards(state, max_shard_bytes)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
-        write_safetensors(tmp / name, shard, metadata={"format": "pt"})
-    if len(shards) > 1:
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        total = sum(r.nbytes for s in shards for r in s.values())
-        _dump(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    names = write_shards(state, tmp, max_shard_bytes)
     config = json.loads(model.config.to_json_string(use_diff=True))
     config["quantization_config"] = quantization_config(plan)
-    _dump(tmp / "config.json", config)
+    write_json(tmp / "config.json", config)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     elif src.is_dir():
-        for fname in TOKENIZER_FILES:
-            if (src / fname).is_file():
-                shutil.copyfile(src / fname, tmp / fname)
+        copy_side_files(src, tmp, TOKENIZER_FILES)
     if src.is_dir() and (src / "generation_config.json").is_file():
         shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
     elif getattr(model, "generation_config", None) is not None:
@@ -214,18 +115,14 @@ def _write(model: nn.Module, tmp: Path, plan: dict[str, LayerSpec], src: Path, t
 def _write_manifest(tmp: Path, names: list[str], src: Path, extra_meta: dict[str, Any]) -> None:
     """``lwq_manifest.json``: sha256 and size of the shards (``files``) and of every other file
     (``others``: config.json, tokenizer, plan, ...), so every file a loader reads is covered and the
-    folder's contents are listed exactly (the output rule, ``lwq.outputs``)."""
+    folder's contents are listed exactly (the output rule, ``lwq.fileio``)."""
     def entry(n: str) -> dict[str, Any]:
         return {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size}
 
     files = {n: entry(n) for n in names}
     others = {p.name: entry(p.name) for p in sorted(tmp.iterdir()) if p.name not in files and p.name != MANIFEST}
-    _dump(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "source": str(src), "files": files, "others": others,
+    write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "source": str(src), "files": files, "others": others,
                            **extra_meta})
-
-
-def _dump(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def verify_manifest(path: str | Path) -> list[Path]:
@@ -272,26 +169,6 @@ def read_plan(config: dict[str, Any]) -> dict[str, LayerSpec]:
     return {name: LayerSpec.from_dict(d, where=f"quantization_config.layers[{name!r}]") for name, d in layers.items()}
 
 
-def _skeleton(config_dict: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    """The transformers model for ``config_dict`` with uninitialised weights (no random init cost)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    d = {k: v for k, v in config_dict.items() if k != "quantization_config"}
-    model_type = d.pop("model_type", None)
-    if not model_type:
-        raise BadInput("checkpoint config.json has no model_type")
-    try:
-        config = AutoConfig.for_model(model_type, **d)
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BadInput(f"cannot build a {model_type!r} model from the checkpoint config: "
-                       f"{str(exc).splitlines()[0][:200]}") from None
-    model.tie_weights()  # no_init_weights skips init_weights, which is where transformers ties them
-    return model
-
-
 def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto") -> nn.Module:
     """Load an lwq checkpoint as a transformers model with ``QuantizedLinear``s, in eval mode."""
     p = Path(path).expanduser()
@@ -300,7 +177,7 @@ def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto")
     shards = verify_manifest(p)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, config.get("dtype") or config.get("torch_dtype"))
-    model = _skeleton(config, torch_dtype)
+    model = model_from_config(config, torch_dtype)
     install_empty(model, plan)
     if config["quantization_config"].get("format_version") == 1:
         add_v1_tensors(model)

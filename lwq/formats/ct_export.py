@@ -21,7 +21,8 @@ import torch
 from lwq.backends.base import QuantizedWeight
 from lwq.errors import BadInput
 from lwq.formats.decide import LayerExport, decide
-from lwq.formats.export_io import Source, copy_side_files, half_config, open_source, publish, write_shards
+from lwq.formats.export_io import Source, half_config, open_source, publish, write_shards
+from lwq.formats.folder import copy_side_files
 from lwq.formats.targets import TARGETS
 from lwq.spec import LayerSpec
 
@@ -103,7 +104,7 @@ def ct_config(layers: Mapping[str, LayerExport]) -> dict[str, Any]:
 
 def export_compressed_tensors(source: str | Source, output: Path, target: str = "transformers", fix: bool = False,
                               version: str = "0") -> dict[str, Any]:
-    """Export ``source`` to ``output`` (already checked by ``lwq.outputs.check_output``); returns a JSON-able
+    """Export ``source`` to ``output`` (already checked by ``lwq.fileio.check_output``); returns a JSON-able
     summary: schemes, what happened to each layer, notes."""
     require_library()
     src = open_source(source) if isinstance(source, str) else source

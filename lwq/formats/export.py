@@ -21,7 +21,8 @@ import torch
 
 from lwq.errors import BadInput
 from lwq.formats.decide import LayerExport, decide
-from lwq.formats.export_io import Source, copy_side_files, half_config, open_source, publish, write_shards
+from lwq.formats.export_io import Source, half_config, open_source, publish, write_shards
+from lwq.formats.folder import copy_side_files
 from lwq.formats.gptq_v1 import gptq_from_lwq, gptq_quantization_config, gptq_requantized
 from lwq.formats.targets import TARGETS
 
@@ -105,7 +106,7 @@ def _layer_tensors(x: LayerExport, src: dict[str, torch.Tensor], shape: tuple[in
 
 def export_gptq(source: str | Source, output: Path, target: str = "gptqmodel", fix: bool = False,
                 version: str = "0") -> dict[str, Any]:
-    """Export ``source`` to ``output`` (already checked by ``lwq.outputs.check_output``) as GPTQ (module
+    """Export ``source`` to ``output`` (already checked by ``lwq.fileio.check_output``) as GPTQ (module
     docstring); returns a JSON-able summary (default, dynamic, what happened to each layer, notes)."""
     tgt = TARGETS.get(target)
     src = open_source(source) if isinstance(source, str) else source

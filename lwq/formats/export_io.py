@@ -1,12 +1,10 @@
 """The I/O every export shares: read an lwq checkpoint's plan, shapes and tensors (verified against
 its manifest), and publish the new folder atomically.
 
-Outputs follow the one rule of ``lwq.outputs`` (kind ``export``, marker ``lwq_export.json``).
+Outputs follow the one rule of ``lwq.fileio`` (kind ``export``, marker ``lwq_export.json``).
 """
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -14,11 +12,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lwq.errors import BadInput
+from lwq.formats.folder import MAX_SHARD_BYTES, TensorRef, model_from_config
+from lwq.formats.folder import write_shards as folder_shards
 from lwq.spec import LayerSpec
 
-MAX_SHARD_BYTES = 2 * 1024**3
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-                "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 @dataclass(frozen=True)
@@ -63,22 +60,6 @@ class Tensors:
                 yield key, h.get_tensor(key)
 
 
-def meta_model(config: dict[str, Any]) -> Any:
-    """The transformers model of ``config`` on the meta device (shapes and module names, no memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    d = {k: v for k, v in config.items() if k != "quantization_config"}
-    model_type = d.pop("model_type", None)
-    if not model_type:
-        raise BadInput("checkpoint config.json has no model_type")
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **d))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BadInput(f"cannot build a {model_type!r} model from the checkpoint config: "
-                       f"{str(exc).splitlines()[0][:200]}") from None
-
-
 def open_source(source: str) -> Source:
     """Read and verify the lwq checkpoint ``source`` (refusing folders that are not one)."""
     from lwq.formats.checkpoint import read_plan, verify_manifest
@@ -92,7 +73,7 @@ def open_source(source: str) -> Source:
     config = read_config(src)
     plan = read_plan(config)
     files = verify_manifest(src)
-    model = meta_model(config)
+    model = model_from_config(config, meta=True)
     arch = arch_for(model)
     nblocks = len(get_blocks(model, arch))
     names = [f"{arch.blocks}.{i}.{lin}" for i in range(nblocks) for lin in arch.linears]
@@ -107,42 +88,16 @@ def open_source(source: str) -> Source:
 
 
 def publish(out: Path, write: Callable[[Path], None], marker: dict[str, Any]) -> list[str]:
-    """Build the export beside ``out`` and rename it into place under the output lock (``lwq.outputs``)."""
-    from lwq.outputs import OutputLock, publish as publish_folder
+    """Build the export beside ``out`` and rename it into place under the output lock (``lwq.fileio``)."""
+    from lwq.fileio import OutputLock, publish as publish_folder
 
     with OutputLock(out):
         return publish_folder(out, write, "export", marker)
 
 
-def copy_side_files(src: Path, folder: Path) -> None:
-    """Tokenizer and generation files of the source, as they are."""
-    for fname in COPIED_FILES:
-        if (src / fname).is_file():
-            shutil.copyfile(src / fname, folder / fname)
-
-
 def write_shards(state: dict[str, torch.Tensor], folder: Path, max_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """``model.safetensors``, or numbered shards plus ``model.safetensors.index.json`` past ``max_bytes``."""
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key in sorted(state):
-        n = state[key].numel() * state[key].element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = state[key].contiguous()
-        size += n
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for fname, shard in zip(names, shards):
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {k: f for f, s in zip(names, shards) for k in s}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return names
+    """``state`` written as the checkpoint writes its shards (``lwq.formats.folder``), keys sorted."""
+    return folder_shards({k: TensorRef.of(state[k].contiguous()) for k in sorted(state)}, folder, max_bytes)
 
 
 def half_config(config: dict[str, Any], notes: list[str], why: str) -> dict[str, Any]:

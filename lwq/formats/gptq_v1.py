@@ -16,7 +16,7 @@ def v1_tensors(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     """GPTQ tensors from codes packed along the input dim, integer zero points (groups, out), scales
     and g_idx: zeros are stored minus one, wrapped to ``bits`` bits (v1), or as they are (``v2``),
     packed along the out dim."""
-    from lwq.formats.pack import pack
+    from lwq.kernels.pack import pack
 
     stored = zeros.to(torch.int64) if v2 else (zeros.to(torch.int64) - 1) & ((1 << bits) - 1)
     return {"qweight": qweight.to(torch.int32).contiguous(), "qzeros": pack(stored, bits, dim=1),
@@ -27,8 +27,8 @@ def gptq_from_lwq(t: Mapping[str, torch.Tensor], bits: int, out_features: int,
                   shape: tuple[int, int] | None = None, group_size: int = -1, v2: bool = False) -> dict[str, torch.Tensor]:
     """Convert lwq's GPTQ-layout tensors (zero points stored as they are) to GPTQ v1. GPTQ readers
     need ``g_idx`` and ``qzeros``: ones lwq did not store (no act-order; symmetric) are written out."""
-    from lwq.backends.quant import group_index
-    from lwq.formats.pack import unpack
+    from lwq.kernels.pack import group_index
+    from lwq.kernels.pack import unpack
 
     g_idx = t.get("g_idx")
     if "qzeros" in t:
@@ -46,7 +46,7 @@ def gptq_requantized(weight: torch.Tensor, bits: int, group_size: int, sym: bool
                      v2: bool = False) -> dict[str, torch.Tensor]:
     """RTN of a float weight (out, in) into GPTQ v1 tensors (scales rounded to fp16 before rounding codes)."""
     from lwq.backends.rtn import rtn_quantize
-    from lwq.formats.pack import pack
+    from lwq.kernels.pack import pack
 
     qw = rtn_quantize(weight.float(), LayerSpec(bits=bits, group_size=group_size, sym=sym, format="gptq"))
     assert qw.q is not None and qw.zero is not None and qw.scale is not None and qw.g_idx is not None

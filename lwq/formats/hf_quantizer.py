@@ -3,7 +3,7 @@ lwq checkpoint swaps the planned linears for ``QuantizedLinear``s before the wei
 packed tensors (``qweight``, ``scales``, ...) load straight into their buffers.
 
 Registered in transformers' own quantizer registry by ``register_lwq`` (``import lwq`` arranges it,
-see ``lwq.hf``). The model built this way computes what ``lwq.load`` gives: the same layers, the same
+see ``lwq.formats.hf_register``). The model built this way computes what ``lwq.load`` gives: the same layers, the same
 tensors, the same kernels; the checkpoint's manifest (sha256 per shard) is checked first, as there.
 """
 from __future__ import annotations

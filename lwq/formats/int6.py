@@ -24,11 +24,12 @@ from __future__ import annotations
 import torch
 
 from lwq.backends.base import QuantizedWeight
-from lwq.backends.quant import group_index
+from lwq.kernels.pack import group_index
 from lwq.errors import LwqError
 from lwq.formats.layout import LAYOUTS, Layout, Tensors, num_groups
-from lwq.formats.pack import pack, packed_len
-from lwq.formats.w4a8 import check_sym, column_order, smooth_tensor, smooth_weight, unpermute
+from lwq.kernels.pack import pack, packed_len
+from lwq.backends.smooth import smooth_weight
+from lwq.formats.w4a8 import check_sym, column_order, smooth_tensor, unpermute
 from lwq.kernels.int6.reference import unpack_int6, w6a8_reference, w6a16_reference
 from lwq.spec import LayerSpec
 
@@ -113,7 +114,7 @@ class Int6Layout(Layout):
 
     def pre_quantize(self, name: str, W: torch.Tensor, act_absmax: torch.Tensor | None,
                      spec: LayerSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """SmoothQuant folding for W6A8 (``lwq.formats.w4a8.smooth_weight``); W6A16 is unchanged."""
+        """SmoothQuant folding for W6A8 (``lwq.backends.smooth.smooth_weight``); W6A16 is unchanged."""
         return smooth_weight(name, W, act_absmax, spec)
 
 

@@ -12,9 +12,10 @@ from abc import ABC, abstractmethod
 import torch
 
 from lwq.backends.base import QuantizedWeight
-from lwq.backends.quant import QParams, dequantize, group_index
+from lwq.backends.quant import QParams, dequantize
+from lwq.kernels.pack import group_index
 from lwq.errors import LwqError
-from lwq.formats.pack import pack, packed_len, unpack
+from lwq.kernels.pack import pack, packed_len, unpack
 from lwq.registry import Registry
 from lwq.spec import LayerSpec
 

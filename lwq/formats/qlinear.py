@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from lwq.backends.base import QuantizedWeight
-from lwq.backends.quant import group_index
+from lwq.kernels.pack import group_index
 from lwq.errors import BadInput
 from lwq.formats.layout import Layout, Tensors, num_groups
 from lwq.formats.layouts import get_layout
-from lwq.formats.pack import packed_len
+from lwq.kernels.pack import packed_len
 from lwq.models.arch import LINEAR_TYPES, linear_shape, linear_weight
 from lwq.spec import LayerSpec
 

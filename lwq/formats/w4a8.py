@@ -23,59 +23,16 @@ scales, times ``absmax / 127``, in ``x``'s dtype (``lwq.kernels.w4a8.reference``
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from lwq.backends.base import QuantizedWeight
-from lwq.backends.quant import group_index
-from lwq.errors import BadInput, LwqError
+from lwq.kernels.pack import group_index
+from lwq.errors import LwqError
 from lwq.formats.layout import LAYOUTS, Layout, Tensors, check_sym, column_order, num_groups  # noqa: F401 (re-exported)
-from lwq.formats.pack import pack, packed_len, unpack
+from lwq.kernels.pack import pack, packed_len, unpack
+from lwq.backends.smooth import smooth_weight
 from lwq.kernels.w4a8.reference import w4a8_reference
 from lwq.spec import LayerSpec
-
-SMOOTH_MIN, SMOOTH_MAX = 1e-4, 1e4  # inside fp16's normal range
-DEFAULT_ALPHA = 0.5  # SmoothQuant's migration strength
-
-
-def smooth_factors(act_absmax: torch.Tensor, W: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
-    """SmoothQuant's per-input-channel factors ``s_j = max|X_j|^alpha / max|W_:j|^(1-alpha)`` (fp32 [in],
-    rounded to fp16 as stored; 1 where a channel never fires or its weights are all zero)."""
-    a = act_absmax.float().to(W.device)
-    w = W.float().abs().amax(dim=0)
-    s = a.clamp_min(1e-5).pow(alpha) / w.clamp_min(1e-5).pow(1 - alpha)
-    s = torch.where((a > 0) & (w > 0), s, torch.ones_like(s)).clamp(SMOOTH_MIN, SMOOTH_MAX)
-    return s.to(torch.float16).float()
-
-
-def smooth_weight(name: str, W: torch.Tensor, act_absmax: torch.Tensor | None,
-                  spec: LayerSpec, alpha: float = DEFAULT_ALPHA) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Pre-quantize hook: for int8 activations, ``(W * s, {"smooth": s})`` with ``s = smooth_factors``
-    (``x @ W^T == (x / s) @ (W * s)^T``); weight-only specs or no statistics: ``(W, {})``."""
-    if spec.act_bits != 8 or act_absmax is None:
-        return W, {}
-    if act_absmax.shape != (W.shape[1],):
-        raise LwqError(f"{name}: activation absmax has shape {tuple(act_absmax.shape)}, expected ({W.shape[1]},)")
-    s = smooth_factors(act_absmax, W, alpha)
-    return (W.float() * s[None, :]).to(W.dtype), {"smooth": s}
-
-
-def smoothing(alpha: float | None) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """A pre-quantize hook (``lwq.quantize.PreQuantize``) for int8-activation layers: SmoothQuant with
-    migration strength ``alpha`` in [0, 1], or none at all (``None``: the stored factors are ones).
-    Weight-only layers are left as they are either way."""
-    if alpha is not None and not 0.0 <= alpha <= 1.0:
-        raise BadInput(f"smoothing alpha must be in [0, 1], got {alpha}")
-
-    def hook(name: str, W: torch.Tensor, act_absmax: torch.Tensor | None,
-             spec: LayerSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if alpha is None:
-            return W, {}
-        return smooth_weight(name, W, act_absmax, spec, alpha)
-
-    return hook
-
 
 def smooth_tensor(qw: QuantizedWeight) -> torch.Tensor:
     """The stored smoothing factors (fp16 [in]; ones when the weight was not smoothed)."""

@@ -8,7 +8,7 @@ lists the kernels with whether they can run here and why not (``lwq doctor``).
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -81,13 +81,5 @@ def kernel_status(device: torch.device | str | None = None) -> list[tuple[str, b
     return rows
 
 
-def describe(chosen: dict[str, str]) -> dict[str, Any]:
-    """Counts of layers per kernel name (for a one-line summary)."""
-    counts: dict[str, int] = {}
-    for k in chosen.values():
-        counts[k] = counts.get(k, 0) + 1
-    return counts
-
-
-__all__ = ["KERNELS", "MODES", "Kernel", "attach_kernels", "describe", "kernel_mode", "kernel_status",
+__all__ = ["KERNELS", "MODES", "Kernel", "attach_kernels", "kernel_mode", "kernel_status",
            "select_kernel"]

@@ -90,7 +90,7 @@ def layer_shape(layer: Any) -> tuple[int, int]:
     return int(layer.out_features), int(layer.in_features)
 
 
-def candidates(layer: Any) -> list[Kernel]:
+def ranked() -> list[Kernel]:
     """Registered kernels, best first."""
     return sorted((k for _, k in KERNELS.items()), key=lambda k: -k.priority)
 
@@ -98,7 +98,7 @@ def candidates(layer: Any) -> list[Kernel]:
 def select_kernel(layer: Any, x_dtype: torch.dtype, device: torch.device | str) -> Kernel | None:
     """The best kernel that supports ``layer`` (``.spec``, ``.out_features``, ``.in_features``) with
     activations of ``x_dtype`` on ``device``; None when none does (use the reference path)."""
-    for k in candidates(layer):
+    for k in ranked():
         if k.reason(layer.spec, layer_shape(layer), x_dtype, device) is None:
             return k
     return None
@@ -106,4 +106,4 @@ def select_kernel(layer: Any, x_dtype: torch.dtype, device: torch.device | str) 
 
 def unsupported_reasons(layer: Any, x_dtype: torch.dtype, device: torch.device | str) -> list[str]:
     """``name: reason`` for every kernel that cannot run ``layer`` (for error messages)."""
-    return [f"{k.name}: {k.reason(layer.spec, layer_shape(layer), x_dtype, device)}" for k in candidates(layer)]
+    return [f"{k.name}: {k.reason(layer.spec, layer_shape(layer), x_dtype, device)}" for k in ranked()]

@@ -6,7 +6,8 @@ and the linears inside a block in definition order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -27,16 +28,15 @@ class ArchSpec:
 
     ``blocks``: dotted path of the decoder-block ``ModuleList``. ``groups``: ordered groups of linear
     names inside a block; a group's members see the same input (so share a Hessian) and are fused
-    shards in serving engines (q/k/v, gate/up). ``embed``, ``norm``, ``head``: input embedding, final
-    norm (empty when none) and output head.
+    shards in serving engines (q/k/v, gate/up). ``norm``: the final norm (empty when none).
+    ``why_generic``: for the generic fallback, why the table row of the model type did not fit.
     """
 
     name: str
     blocks: str
     groups: tuple[tuple[str, ...], ...]
-    embed: str = "model.embed_tokens"
     norm: str = "model.norm"
-    head: str = "lm_head"
+    why_generic: str = ""
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -64,12 +64,12 @@ ARCH_TABLE: dict[str, ArchSpec] = {
     "opt": ArchSpec(
         "opt", "model.decoder.layers",
         (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
-        embed="model.decoder.embed_tokens", norm="model.decoder.final_layer_norm",
+        norm="model.decoder.final_layer_norm",
     ),
     "gpt2": ArchSpec(
         "gpt2", "transformer.h",
         (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-        embed="transformer.wte", norm="transformer.ln_f",
+        norm="transformer.ln_f",
     ),
 }
 
@@ -98,23 +98,25 @@ def _generic_spec(model: nn.Module) -> ArchSpec:
         raise BadInput(f"unsupported architecture: no linear layers in {name}.0")
     mt = getattr(model.config, "model_type", "generic")
     norm = next((n for n in ("model.norm", "model.final_layernorm", "transformer.ln_f") if _has(model, n)), "")
-    embed = model.get_input_embeddings()
-    embed_name = next((n for n, m in model.named_modules() if m is embed), "")
-    return ArchSpec(f"generic:{mt}", name, tuple((n,) for n in linears), embed=embed_name, norm=norm)
+    return ArchSpec(f"generic:{mt}", name, tuple((n,) for n in linears), norm=norm)
 
 
 def arch_for(model: nn.Module) -> ArchSpec:
     """The table row for this model's ``model_type``, checked against the model, else the fallback."""
     mt = getattr(getattr(model, "config", None), "model_type", None)
     spec = ARCH_TABLE.get(mt or "")
-    if spec is not None:
-        try:
-            block0 = get_submodule(model, spec.blocks)[0]
-            if all(_has(block0, n) for n in spec.linears):
-                return spec
-        except (BadInput, IndexError, TypeError):
-            pass  # the table row does not fit this variant: use the generic fallback below
-    return _generic_spec(model)
+    if spec is None:
+        return _generic_spec(model)
+    try:
+        block0 = get_submodule(model, spec.blocks)[0]
+    except (BadInput, IndexError, TypeError) as exc:
+        why = f"no block list at {spec.blocks} ({type(exc).__name__}: {exc})"
+    else:
+        missing = [n for n in spec.linears if not _has(block0, n)]
+        if not missing:
+            return spec
+        why = f"block 0 has no {', '.join(missing)}"
+    return replace(_generic_spec(model), why_generic=f"the {mt} row does not fit: {why}")
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -123,6 +125,23 @@ def _has(module: nn.Module, path: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def block_index(name: str, blocks: str) -> int | None:
+    """The index of the block holding module or tensor ``name`` under the block list ``blocks``
+    (``model.layers.3.mlp.up_proj`` -> 3 under ``model.layers``), else None."""
+    if not name.startswith(blocks + "."):
+        return None
+    head = name[len(blocks) + 1:].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def block_name(name: str, spec: ArchSpec) -> str:
+    """The block module holding ``name`` (``model.layers.3``); ``KeyError`` outside the blocks."""
+    i = block_index(name, spec.blocks)
+    if i is None:
+        raise KeyError(name)
+    return f"{spec.blocks}.{i}"
 
 
 def get_blocks(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleList:
@@ -148,3 +167,15 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of a linear-like module."""
     w = linear_weight(module)
     return int(w.shape[0]), int(w.shape[1])
+
+
+def model_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every block linear, in model order."""
+    return {n: linear_shape(model.get_submodule(n)) for n in linear_names(model)}
+
+
+def rest_bytes(model: nn.Module, shapes: Mapping[str, tuple[int, int]]) -> int:
+    """Bytes of what stays 16-bit (embeddings, lm_head, norms, biases): all parameters but the counted linears."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return 2 * (total - sum(o * i for o, i in shapes.values()))
+

@@ -6,12 +6,34 @@ being run need to be on the compute device, so memory is about one block plus th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
 
 from lwq.models.arch import ArchSpec, arch_for, get_blocks, get_submodule
+
+
+class BlockLoader(Protocol):
+    """Where decoder blocks come from: ``acquire`` puts block ``i`` on ``device`` (materialising it if
+    needed), ``release`` frees or parks it again."""
+
+    def acquire(self, model: nn.Module, i: int, device: torch.device) -> nn.Module: ...
+
+    def release(self, model: nn.Module, i: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class ResidentBlocks:
+    """Blocks already in memory on ``home``: moved to the device for their turn and back after."""
+
+    home: str = "cpu"
+
+    def acquire(self, model: nn.Module, i: int, device: torch.device) -> nn.Module:
+        return get_blocks(model)[i].to(device)
+
+    def release(self, model: nn.Module, i: int) -> None:
+        get_blocks(model)[i].to(self.home)
 
 
 class _StopForward(Exception):
@@ -111,12 +133,10 @@ def block_outputs(block: nn.Module, inputs: BlockInputs, device: torch.device | 
 def forward_blocks(model: nn.Module, inputs: BlockInputs, device: torch.device | str, loader: Any = None,
                    on_block: Callable[[int, list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
     """The hidden states of ``inputs`` after the last decoder block, run one block at a time:
-    ``loader`` (a ``lwq.calib.stats.BlockLoader``; default: blocks stay where they are) brings each
+    ``loader`` (a ``BlockLoader``; default: blocks stay where they are) brings each
     block to ``device`` once for all batches, and hidden states wait on the CPU in between.
     ``on_block(i, hidden)`` receives the states leaving block ``i``."""
     if loader is None:
-        from lwq.calib.stats import ResidentBlocks
-
         loader = ResidentBlocks(str(next(get_blocks(model)[0].parameters()).device))
     hidden = inputs.hidden
     for i in range(len(get_blocks(model))):

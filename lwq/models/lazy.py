@@ -203,15 +203,15 @@ def load_lazy(name: str, dtype: str = "auto", device: str = "auto") -> tuple[nn.
 def lazy_or_whole(name: str, dtype: str, device: str, trust_remote_code: bool = False
                   ) -> tuple[nn.Module, LazyBlocks | None, str]:
     """``load_lazy`` when ``name`` can be read one block at a time (never with custom code), else the
-    whole model on CPU (``load_model``): the model, its block loader (None when whole) and how it was
+    whole model on CPU (``load_pretrained``): the model, its block loader (None when whole) and how it was
     loaded (``lazy``, or ``eager`` with the reason). ``dtype`` should be concrete (``float16``...) so
     both ways give the same dtype."""
-    from lwq.models.load import load_model
+    from lwq.models.load import load_pretrained
 
     if not trust_remote_code:
         try:
             model, loader = load_lazy(name, dtype, device)
             return model, loader, "lazy"
         except LazyUnsupported as exc:
-            return load_model(name, dtype, "cpu"), None, f"eager ({exc})"
-    return load_model(name, dtype, "cpu", trust_remote_code), None, "eager"
+            return load_pretrained(name, dtype, "cpu"), None, f"eager ({exc})"
+    return load_pretrained(name, dtype, "cpu", trust_remote_code), None, "eager"

@@ -114,8 +114,9 @@ def check_safetensors(folder: Path) -> None:
                            f"{' '.join(str(exc).split())[:160]}") from None
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> nn.Module:
-    """Load a causal LM (or an lwq checkpoint) in eval mode on ``device``.
+def load_pretrained(name: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> nn.Module:
+    """Load a Hugging Face causal LM (local folder or hub id) in eval mode on ``device``; an lwq
+    checkpoint is refused here (``lwq.pipeline.load.load_model`` reads both).
 
     Weights are read through safetensors only; ``trust_remote_code`` is off unless asked.
     """
@@ -123,10 +124,8 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remot
     local = looks_local(name)
     if local:
         cfg = check_local_model(name)
-        if (cfg.get("quantization_config") or {}).get("quant_method") == "lwq":
-            from lwq.formats.checkpoint import load_checkpoint
-
-            return load_checkpoint(name, device=str(dev), dtype=dtype)
+        if is_lwq_checkpoint(name):
+            raise BadInput(f"{name} is an lwq checkpoint: load it with lwq.load")
         torch_dtype = resolve_dtype(dtype, dev, cfg.get("dtype") or cfg.get("torch_dtype"))
     else:
         torch_dtype = resolve_dtype(dtype, dev)

@@ -1,7 +1,7 @@
 """Where a whole-model computation (planning's measurements) runs: on one device when the model fits
 there, else block by block with the blocks kept off it.
 
-``Placement.device`` computes; ``Placement.loader`` (a ``lwq.calib.stats.BlockLoader``) is ``None``
+``Placement.device`` computes; ``Placement.loader`` (a ``lwq.models.blocks.BlockLoader``) is ``None``
 when every block already sits on the device, ``ResidentBlocks("cpu")`` when blocks wait in CPU memory
 and are copied to the device for their turn, or ``LazyBlocks`` when they are read from the
 safetensors files for their turn (blocks on ``meta``: memory about one block, whatever the depth;
@@ -89,7 +89,7 @@ def offload(model: nn.Module, device: torch.device, lazy_loader: Any = None) -> 
     move_outside_blocks(model, arch_for(model), device)
     if lazy_loader is not None:
         return Placement(device, lazy_loader)
-    from lwq.calib.stats import ResidentBlocks
+    from lwq.models.blocks import ResidentBlocks
 
     return Placement(device, ResidentBlocks("cpu"))
 
@@ -108,3 +108,8 @@ def unpark(model: nn.Module, placement: Placement) -> None:
         move_outside_blocks(model, arch_for(model), placement.device)
     else:
         model.to(placement.device)
+
+
+def where(model: nn.Module) -> Placement:
+    """The placement of a model that is wholly where its first parameter is."""
+    return Placement(next(model.parameters()).device)

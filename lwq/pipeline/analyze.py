@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lwq.models.load import load_model
+from lwq.pipeline.load import load_model
 from lwq.pipeline.common import LoadOptions, Progress, calib_batches as _calib_batches, source_name as _source_name
 
 
@@ -21,7 +21,7 @@ def calibrate_to_dir(
     ``(CalibStats without the Hessians, summary)``; ``lwq.calib.store.load_calib(out)`` reads them all."""
     from lwq.errors import BadInput
     from lwq.models.load import looks_local
-    from lwq.outputs import OutputLock, check_output
+    from lwq.fileio import OutputLock, check_output
 
     if nsamples < 1:
         raise BadInput(f"--nsamples must be positive, got {nsamples}")

@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 from lwq.calib.data import load_text, tokenize
 from lwq.eval.perplexity import PplResult, perplexity
-from lwq.models.load import check_finite_weights, load_model, load_tokenizer
+from lwq.models.load import check_finite_weights, load_tokenizer
+from lwq.pipeline.load import load_model
 
 Progress = Callable[[int, int], None]
 

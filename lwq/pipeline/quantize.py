@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lwq.models.load import load_model, load_tokenizer
-from lwq.outputs import locked
+from lwq.models.load import load_tokenizer
+from lwq.pipeline.load import load_model
+from lwq.fileio import locked
 from lwq.pipeline.common import LoadOptions, Progress, calib_batches
 from lwq.pipeline.plan import plan_for_model
 
@@ -36,7 +37,7 @@ def quantize_to_checkpoint(
     ``model_name`` (on CPU) to quantize instead of loading it again; ``extra_files`` are written into
     the checkpoint folder (e.g. ``plan.json``); ``extra_summary`` is merged into the summary.
 
-    Progress is recorded per block in ``OUT.partial`` (``lwq.resume``): ``resume`` continues an
+    Progress is recorded per block in ``OUT.partial`` (``lwq.pipeline.workdir``): ``resume`` continues an
     interrupted run there (the result is byte-identical to an uninterrupted run), ``force`` discards
     it; it is removed on success. ``lazy``: read the model one block at a time from its safetensors
     files (``lwq.models.lazy``; falls back to a full load when the model cannot be read that way) so
@@ -55,13 +56,13 @@ def quantize_to_checkpoint(
     from lwq.calib.data import SELF_DATA, calibration_samples, self_generated_samples
     from lwq.errors import EXIT_INTERRUPTED, BadInput, LwqError
     from lwq.formats.checkpoint import save_checkpoint
-    from lwq.outputs import check_output
+    from lwq.fileio import check_output
     from lwq.formats.qlinear import QuantizedLinear
     from lwq.models.arch import arch_for, get_blocks
     from lwq.models.lazy import lazy_or_whole
     from lwq.models.load import is_lwq_checkpoint, looks_local, resolve_device, resolve_dtype
-    from lwq.quantize import plan_needs_data, quantize_model
-    from lwq.resume import (WorkFolder, deterministic, fingerprint, model_identity, plan_digest, resume_inputs,
+    from lwq.pipeline.blockwise import plan_needs_data, quantize_model
+    from lwq.pipeline.workdir import (WorkFolder, deterministic, fingerprint, model_identity, plan_digest, resume_inputs,
                             stream_state, tensor_digest)
 
     check_output(out, "checkpoint", force, inputs=[model_name] if looks_local(model_name) else [])
@@ -96,7 +97,7 @@ def quantize_to_checkpoint(
             batches = calibration_samples(tok, data, nsamples, seqlen, seed, text_field)
     nblocks = len(get_blocks(model))
     if pre_quantize is None and any(sp.act_bits == 8 for sp in layer_plan.values()):
-        from lwq.formats.w4a8 import smoothing
+        from lwq.backends.smooth import smoothing
 
         pre_quantize = smoothing(smooth_alpha)
     start = work.start(fingerprint(model=model_identity(model_name), plan=plan_digest(layer_plan), data=data,
@@ -176,13 +177,13 @@ def quantize_with_budget(
     ``smooth_alpha``, ``refine`` and ``grid`` as in ``quantize_to_checkpoint``."""
     from dataclasses import asdict
 
-    from lwq.allocate.plan import load_plan, plan_from_dict, plan_to_dict, reprice
+    from lwq.allocate.planfile import load_plan, plan_from_dict, plan_to_dict, reprice
     from lwq.models.arch import linear_names
     from lwq.models.load import looks_local
-    from lwq.outputs import check_output
+    from lwq.fileio import check_output
     from lwq.models.load import resolve_device, resolve_dtype
-    from lwq.planning import model_shapes
-    from lwq.resume import WorkFolder, fingerprint, model_identity
+    from lwq.models.arch import model_shapes
+    from lwq.pipeline.workdir import WorkFolder, fingerprint, model_identity
 
     check_output(out, "checkpoint", force, inputs=[model_name] if looks_local(model_name) else [])
     work = WorkFolder.claim(out, resume, force)
@@ -198,7 +199,7 @@ def quantize_with_budget(
         if recipe.target is not None:
             check_target(plan.specs, shapes, recipe.target)
     if plan is None:
-        from lwq.planning import check_feasible
+        from lwq.pipeline.plan import check_feasible
 
         check_feasible(_shapes_model(model_name, dtype, load), recipe)  # before loading or calibrating
         planning = fingerprint(model=model_identity(model_name), recipe=asdict(recipe), data=data, nsamples=nsamples,
@@ -223,7 +224,7 @@ def quantize_with_budget(
     cap = None
     if plan.budget is not None:
         from lwq.allocate.budget import budget_bytes, parse_budget
-        from lwq.planning import rest_bytes
+        from lwq.models.arch import rest_bytes
 
         ref = model if model is not None else (shapes or _shapes_model(model_name, dtype, load))
         cap = budget_bytes(parse_budget(plan.budget), list(plan.layers.values()), rest_bytes(ref, model_shapes(ref)))
@@ -259,7 +260,7 @@ def check_target(specs: dict[str, Any], model: Any, target: str) -> None:
     from lwq.formats.decide import decide
     from lwq.formats.targets import TARGETS
     from lwq.models.arch import arch_for, get_blocks
-    from lwq.planning import model_shapes
+    from lwq.models.arch import model_shapes
 
     tgt = TARGETS.get(target)
     arch = arch_for(model)

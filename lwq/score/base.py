@@ -6,15 +6,17 @@ linear modules (``model.layers.3.mlp.down_proj``). Results are ordered as in the
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from torch import nn
-
-from lwq.calib.stats import CalibStats
 from lwq.errors import BadInput
-from lwq.models.arch import arch_for, get_blocks
+
+if TYPE_CHECKING:  # the declarations below load no torch: ``lwq --help`` lists the scorers cheaply
+    import torch
+    from torch import nn
+
+    from lwq.calib.stats import CalibStats
 
 GRANULARITIES = ("block", "linear")
 Scores = dict[str, float]
@@ -60,18 +62,86 @@ class ScoreInputs:
 
 
 @dataclass(frozen=True)
+class EstimateInputs:
+    """What a planning estimate may use to price the candidates ``layers`` (``lwq.allocate.types``)
+    under ``recipe``: the model, calibration windows, statistics, an error database to reuse, how
+    measurements run (``measure``: ``lwq.score.workers``) and where the model computes (``placement``)."""
+
+    model: nn.Module
+    samples: torch.Tensor | None
+    layers: list[Any]
+    recipe: Any
+    stats: CalibStats | None = None
+    on_step: Callable[[int, int], None] | None = field(default=None, compare=False)
+    db: Any = None
+    measure: Any = None
+    placement: Any = None
+
+
+def _resolve(ref: str) -> Callable[..., Any]:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
 class Scorer:
-    """A registry entry: ``fn(inputs, config) -> {layer: score}`` and what it ``needs`` among
-    ``model``, ``stats``, ``hessians`` (stats with Hessians) and ``samples``."""
+    """A declared scorer. ``run`` (``module:function``, loaded on first use) scores layers:
+    ``run(inputs, config) -> {layer: score}``; ``needs``: what it reads among ``model``, ``stats``,
+    ``hessians`` (stats with Hessians) and ``samples``; ``estimate`` (``module:function``) prices the
+    planning candidates: ``estimate(scorer, EstimateInputs) -> (layers, error database or None)``
+    (default: block importance times ``4**-bits``, what the paper's ``order`` solver needs);
+    ``streams``: planning can read the model one block at a time for it."""
 
     name: str
-    fn: Callable[[ScoreInputs, ScoreConfig], Scores]
+    run: str
     needs: frozenset[str]
     help: str
+    estimate: str = "lwq.score.base:importance_errors"
+    streams: bool = False
+
+    @property
+    def fn(self) -> Callable[[ScoreInputs, ScoreConfig], Scores]:
+        return _resolve(self.run)
+
+    def errors(self, inputs: EstimateInputs) -> tuple[list[Any], Any]:
+        """The candidates of ``inputs.layers`` with this scorer's error estimates, and its database."""
+        return _resolve(self.estimate)(self, inputs)
+
+
+def planning_stats(scorer: Scorer, inputs: EstimateInputs, hessians: bool) -> CalibStats:
+    """The statistics a planning estimate reads: the given ones, else collected on the windows."""
+    if inputs.stats is not None:
+        return inputs.stats
+    if inputs.samples is None:
+        raise BadInput(f"scorer {scorer.name} needs calibration text: pass --data PATH")
+    from lwq.calib.stats import collect_stats
+    from lwq.models.placement import where
+
+    at = inputs.placement or where(inputs.model)
+    return collect_stats(inputs.model, inputs.samples, at.device, on_block=inputs.on_step, hessians=hessians,
+                         loader=at.loader)
+
+
+def importance_errors(scorer: Scorer, inputs: EstimateInputs) -> tuple[list[Any], None]:
+    """Every candidate priced by its block's importance score times ``4**-bits``."""
+    from lwq.allocate.candidates import with_importance
+    from lwq.models.arch import arch_for, block_name
+    from lwq.models.placement import where
+
+    stats = planning_stats(scorer, inputs, False) if scorer.needs & {"stats", "hessians"} else inputs.stats
+    if "samples" in scorer.needs and inputs.samples is None:
+        raise BadInput(f"scorer {scorer.name} needs calibration text: pass --data PATH")
+    at = inputs.placement or where(inputs.model)
+    scores = scorer.fn(ScoreInputs(inputs.model, stats, inputs.samples, str(at.device), inputs.on_step),
+                       ScoreConfig(granularity="block"))
+    arch = arch_for(inputs.model)
+    return with_importance(inputs.layers, {lc.name: scores[block_name(lc.name, arch)] for lc in inputs.layers}), None
 
 
 def block_names(model: nn.Module) -> list[str]:
     """``model.layers.0``, ``model.layers.1``, ... for ``model``."""
+    from lwq.models.arch import arch_for, get_blocks
+
     spec = arch_for(model)
     return [f"{spec.blocks}.{i}" for i in range(len(get_blocks(model, spec)))]
 

@@ -100,10 +100,10 @@ def fisher_pass(model: nn.Module, samples: torch.Tensor, names: Collection[str],
                 first_window: int = 0, on_step: Callable[[int, int], None] | None = None) -> FisherResult:
     """The Fisher sums of ``names`` (see module docstring) over the windows ``samples`` (n, seqlen),
     and ``trial``'s values for the linears of ``trial_blocks`` (default: every block), given the
-    calibration Hessian when ``hessians``. ``loader``: a ``lwq.calib.stats.BlockLoader`` (default:
+    calibration Hessian when ``hessians``. ``loader``: a ``lwq.models.blocks.BlockLoader`` (default:
     blocks stay where they are); ``first_window``: the index of ``samples[0]`` among all windows (it
     seeds the labels, so a share of the windows gives the same labels wherever it runs)."""
-    from lwq.calib.stats import ResidentBlocks
+    from lwq.models.blocks import ResidentBlocks
 
     device = torch.device(device)
     spec = arch_for(model)

@@ -9,7 +9,7 @@ update LIM measures. Ranks within a block are therefore tied (model order breaks
 from __future__ import annotations
 
 from lwq.calib.stats import CalibStats
-from lwq.score.base import Scorer, ScoreConfig, ScoreInputs, Scores
+from lwq.score.base import ScoreConfig, ScoreInputs, Scores
 
 
 def lim_scores(stats: CalibStats, granularity: str = "block") -> Scores:
@@ -19,9 +19,6 @@ def lim_scores(stats: CalibStats, granularity: str = "block") -> Scores:
     return {name: stats.blocks[stats.block_of(name)].lim for name in stats.linears}
 
 
-def _run(inputs: ScoreInputs, cfg: ScoreConfig) -> Scores:
+def run(inputs: ScoreInputs, cfg: ScoreConfig) -> Scores:
     assert inputs.stats is not None
     return lim_scores(inputs.stats, cfg.granularity)
-
-
-LIM = Scorer("lim", _run, frozenset({"stats"}), "1 - cos(block input, block output), token mean")

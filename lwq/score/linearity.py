@@ -26,7 +26,7 @@ from lwq.errors import BadInput
 from lwq.models.arch import linear_names
 from lwq.score.fisher import LABEL_SEED, FisherResult, Trial, fisher_pass
 from lwq.spec import LayerSpec
-from lwq.score.base import Scorer, ScoreConfig, ScoreInputs, Scores, at_granularity
+from lwq.score.base import ScoreConfig, ScoreInputs, Scores, at_granularity
 
 NOISE_LEVEL = 0.05  # relative size of the injected noise (the estimate is quadratic: KL / t**2 does not depend on it)
 NOISE_SEEDS = (0, 1, 2, 3)
@@ -65,7 +65,7 @@ def make_trial(specs: Specs, trials: str) -> Trial:
     format will hold it (``trials="backend"``; GPTQ on the calibration Hessian) or round-to-nearest."""
     from lwq.allocate.candidates import spec_key
     from lwq.backends.quant import rtn_fake_quant
-    from lwq.measure import backend_quantizer
+    from lwq.score.trials import backend_quantizer
 
     def trial(name: str, W: torch.Tensor, H: torch.Tensor | None) -> dict[str, float]:
         out = {}
@@ -82,7 +82,41 @@ def make_trial(specs: Specs, trials: str) -> Trial:
 
 def needs_hessians(specs: Specs, trials: str) -> bool:
     """Whether the trials of ``specs`` need calibration Hessians (GPTQ backends)."""
-    return trials == "backend" and any(s.backend.startswith("gptq") for ss in specs.values() for s in ss)
+    from lwq.backends import get_backend
+
+    return trials == "backend" and any(get_backend(s.backend).needs_hessian for ss in specs.values() for s in ss)
+
+
+def _fisher_runner(model: nn.Module, placement: Any, samples: torch.Tensor, specs: Specs, trials: str,
+                   shares: int) -> Callable[[int], Any]:
+    """A worker's task ``k``: the linearity pass with the trials of blocks ``i % shares == k``."""
+    from lwq.models.arch import get_blocks
+
+    nblocks = len(get_blocks(model))
+
+    def run(k: int) -> Any:
+        mine = [i for i in range(nblocks) if i % shares == k]
+        got = fisher_pass(model, samples, list(specs), placement.device, placement.loader, NOISE_LEVEL, NOISE_SEEDS,
+                          make_trial(specs, trials), mine, needs_hessians(specs, trials))
+        # plain floats: a tensor would travel as shared memory that dies with the worker
+        return {n: s.tolist() for n, s in got.sums.items()}, got.trials, got.tokens
+
+    return run
+
+
+def _parallel_pass(parallel: Any, model: nn.Module, samples: torch.Tensor, specs: Specs, trials: str,
+                   placement: Any, on_step: Callable[[int, int], None] | None) -> FisherResult:
+    """The linearity pass on ``parallel``'s workers (``lwq.score.workers.ParallelMeasure``), the trials
+    spread by block; every worker runs the same pass on the same windows, so the coefficients are the
+    first worker's, as on one device."""
+    n = len(parallel.devices)
+    parts = parallel.map(model, _fisher_runner, (samples.cpu(), dict(specs), trials, n), list(range(n)), placement,
+                         on_step)
+    merged: dict[str, dict[str, float]] = {}
+    for _sums, part, _tokens in parts:
+        merged.update(part)
+    sums, _, tokens = parts[0]
+    return FisherResult({n: torch.tensor(v, dtype=torch.float64) for n, v in sums.items()}, merged, tokens)
 
 
 def linearity_errors(model: nn.Module, samples: torch.Tensor | None, layers: list[Any], db: Any = None,
@@ -91,7 +125,7 @@ def linearity_errors(model: nn.Module, samples: torch.Tensor | None, layers: lis
     """Every candidate's error ``a_l * t**2`` (see the module docstring); coefficients stored in (and
     reused from) the error database ``db`` with the noise level and seeds. ``placement``
     (``lwq.models.placement``) says where the model computes and how its blocks get there;
-    ``parallel`` (``lwq.measure.ParallelMeasure``) spreads the trials over its devices' workers.
+    ``parallel`` (``lwq.score.workers.ParallelMeasure``) spreads the trials over its devices' workers.
     Returns (layers, database)."""
     from lwq.allocate.candidates import ErrorDB, db_errors, spec_key
     from lwq.models.placement import Placement
@@ -110,13 +144,13 @@ def linearity_errors(model: nn.Module, samples: torch.Tensor | None, layers: lis
              for lc in layers}
     specs = {n: ss for n, ss in specs.items() if ss}
     if specs:
-        from lwq.planning import MEASURE_SAMPLES
+        from lwq.score.measured import MEASURE_SAMPLES
 
         _check_samples(samples)
         assert samples is not None
         placement = placement or Placement(next(model.parameters()).device)
         if parallel is not None:
-            result = parallel.fisher(model, samples[:MEASURE_SAMPLES], specs, trials, placement, on_step)
+            result = _parallel_pass(parallel, model, samples[:MEASURE_SAMPLES], specs, trials, placement, on_step)
         else:
             result = fisher_pass(model, samples[:MEASURE_SAMPLES], list(specs), placement.device, placement.loader,
                                  NOISE_LEVEL, NOISE_SEEDS, make_trial(specs, trials),
@@ -138,11 +172,18 @@ def linearity_errors(model: nn.Module, samples: torch.Tensor | None, layers: lis
     return db_errors(layers, out), out
 
 
-def _run(inputs: ScoreInputs, cfg: ScoreConfig) -> Scores:
+def run(inputs: ScoreInputs, cfg: ScoreConfig) -> Scores:
     assert inputs.model is not None
     coeffs = linearity_coefficients(inputs.model, inputs.samples, device=inputs.device, on_step=inputs.on_step)
     return at_granularity(coeffs, inputs.model, cfg.granularity, "sum")
 
 
-LINEARITY = Scorer("linearity", _run, frozenset({"model", "samples"}),
-                   "a_l of the linearity theorem: KL per unit relative weight noise (Fisher, one pass per window)")
+def estimate(_scorer: Any, inputs: Any) -> tuple[list[Any], Any]:
+    """The ``linearity`` scorer's planning estimate (``lwq.score.base.Scorer.estimate``); several
+    devices (``lwq.score.workers.ParallelMeasure``) share the trials."""
+    from lwq.models.placement import where
+    from lwq.score.workers import ParallelMeasure
+
+    parallel = inputs.measure if isinstance(inputs.measure, ParallelMeasure) else None
+    return linearity_errors(inputs.model, inputs.samples, inputs.layers, inputs.db, inputs.on_step,
+                            inputs.placement or where(inputs.model), inputs.recipe.measure_with, parallel)

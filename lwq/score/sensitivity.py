@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lwq.backends.quant import rtn_fake_quant
-from lwq.models.arch import arch_for, get_blocks, linear_weight
-from lwq.calib.stats import BlockLoader, InputAccumulator, ResidentBlocks
-from lwq.models.blocks import capture_block_inputs, forward_blocks, head_logits, run_block
-from lwq.score.base import Scorer, ScoreConfig, ScoreInputs, Scores
+from lwq.models.arch import arch_for, block_index, get_blocks, linear_weight
+from lwq.calib.stats import InputAccumulator
+from lwq.models.blocks import BlockLoader, ResidentBlocks, capture_block_inputs, forward_blocks, head_logits, run_block
+from lwq.score.base import ScoreConfig, ScoreInputs, Scores
 
 DEFAULT_BITS = 2
 FakeQuant = Callable[[torch.Tensor, Any], torch.Tensor]  # (W (out, in), H (in, in) or None) -> dequantized W
@@ -61,7 +61,7 @@ class SensitivityProbe:
     names what can be quantized alone; ``measure(names, ...)`` scores them; ``plan_divergence``
     scores several layers replaced at once (the ``search`` solver's objective).
 
-    Blocks come from ``loader`` (``lwq.calib.stats.BlockLoader``) one at a time: by default they stay
+    Blocks come from ``loader`` (``lwq.models.blocks.BlockLoader``) one at a time: by default they stay
     where they are; ``ResidentBlocks("cpu")`` keeps them in CPU memory and moves each to ``device``
     for its turn (a model larger than the GPU), ``lwq.models.lazy.LazyBlocks`` reads them from disk.
     Trials of the same block run side by side, so each later block is fetched once per group."""
@@ -151,7 +151,7 @@ class SensitivityProbe:
         """Per-token divergence with every linear named in ``weights`` (full module names) holding
         that weight instead of its own (restored after), on the first ``nchunks`` batches."""
         n = len(self.chunks) if nchunks is None else max(1, min(nchunks, len(self.chunks)))
-        touched = sorted({int(k[len(self.spec.blocks) + 1:].split(".", 1)[0]) for k in weights})
+        touched = sorted({block_index(k, self.spec.blocks) for k in weights})
         if not touched:
             return 0.0
         start = touched[0]
@@ -204,11 +204,7 @@ def sensitivity_scores(
     return probe.measure(list(probe.units(granularity)), granularity, bits, group_size, sym, on_step)
 
 
-def _run(inputs: ScoreInputs, cfg: ScoreConfig) -> Scores:
+def run(inputs: ScoreInputs, cfg: ScoreConfig) -> Scores:
     assert inputs.model is not None and inputs.samples is not None
     return sensitivity_scores(inputs.model, inputs.samples, cfg.granularity, cfg.bits or DEFAULT_BITS,
                               cfg.group_size, cfg.sym, cfg.metric, on_step=inputs.on_step)
-
-
-SENSITIVITY = Scorer("sensitivity", _run, frozenset({"model", "samples"}),
-                     "measured KL (or NLL) increase when only that layer is RTN-quantized at --bits (default 2)")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lwq.models.arch import linear_names, linear_weight
-from lwq.score.base import Scorer, ScoreConfig, ScoreInputs, Scores, at_granularity
+from lwq.score.base import ScoreConfig, ScoreInputs, Scores, at_granularity
 
 
 def zd_share(W: torch.Tensor) -> float:
@@ -34,9 +34,6 @@ def zd_scores(model: nn.Module, granularity: str = "block", order: str = "descen
     return at_granularity(scores, model, granularity, "mean")
 
 
-def _run(inputs: ScoreInputs, cfg: ScoreConfig) -> Scores:
+def run(inputs: ScoreInputs, cfg: ScoreConfig) -> Scores:
     assert inputs.model is not None
     return zd_scores(inputs.model, cfg.granularity, cfg.zd_order)
-
-
-ZD = Scorer("zd", _run, frozenset({"model"}), "share of weights with |z-score| > 1 (direction: --zd-order)")

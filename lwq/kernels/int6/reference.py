@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from lwq.formats.pack import unpack
+from lwq.kernels.pack import unpack
 from lwq.kernels.w4a16.reference import dequant_kn, weight_only_matmul
 from lwq.kernels.w4a8.reference import a8_reference
-from lwq.backends.quant import group_index
+from lwq.kernels.pack import group_index
 
 
 def unpack_int6(qweight_lo: torch.Tensor, qweight_hi: torch.Tensor, K: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from lwq.formats.pack import unpack
+from lwq.kernels.pack import unpack
 
 
 def dequant_kn(q: torch.Tensor, zeros: torch.Tensor | int, scales: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

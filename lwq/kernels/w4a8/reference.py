@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from lwq.formats.pack import unpack
+from lwq.kernels.pack import unpack
 
 EPS = 1e-12
 

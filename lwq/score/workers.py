@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from lwq.errors import BadInput, LwqError
-from lwq.models.arch import get_blocks
 from lwq.spec import LayerSpec
 
 Progress = Callable[[int, int], None]
@@ -59,25 +58,12 @@ def make_tasks(todo: Mapping[LayerSpec, Sequence[str]], block_of: Callable[[str]
     return sorted(tasks, key=lambda t: -(nblocks - t.block) * len(t.names))
 
 
-def backend_quantizer(spec: LayerSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """What a trial of ``spec`` quantizes with when estimates follow the backend: the spec's backend
-    (GPTQ on the layer's full-precision-input Hessian; RTN, bitsandbytes, ...) then its storage
-    layout's own dequantization, so the trial's weight is the one the checkpoint will hold."""
-    from lwq.backends import get_backend
-    from lwq.formats.layouts import get_layout
-
-    backend, layout = get_backend(spec.backend), get_layout(spec.format)
-
-    def fake(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-        return layout.dequantize(layout.pack(backend(W, spec, H)), spec, (int(W.shape[0]), int(W.shape[1])))
-
-    return fake
-
-
 def run_task(probe: Any, task: MeasureTask, follow_backend: bool = False) -> dict[str, float]:
     """The KL of every linear of ``task`` (clamped at 0: tiny negative values are float noise);
     ``follow_backend``: quantize trials with ``backend_quantizer`` instead of round-to-nearest."""
     sp = task.spec
+    from lwq.score.trials import backend_quantizer
+
     quantizer = backend_quantizer(sp) if follow_backend else None
     kl = probe.measure(list(task.names), "linear", bits=sp.bits, group_size=sp.group_size, sym=sp.sym,
                        quantizer=quantizer)
@@ -228,31 +214,12 @@ def measure_parallel(source: ModelSource, samples: torch.Tensor, tasks: Sequence
     return entries
 
 
-def _fisher_runner(model: torch.nn.Module, placement: Any, samples: torch.Tensor, specs: Mapping[str, Any],
-                   trials: str, shares: int) -> Callable[[int], Any]:
-    """Task ``k``: the linearity pass with the trials of blocks ``i % shares == k``."""
-    from lwq.score.fisher import fisher_pass
-    from lwq.score.linearity import NOISE_LEVEL, NOISE_SEEDS, make_trial, needs_hessians
-
-    nblocks = len(get_blocks(model))
-
-    def run(k: int) -> Any:
-        mine = [i for i in range(nblocks) if i % shares == k]
-        got = fisher_pass(model, samples, list(specs), placement.device, placement.loader, NOISE_LEVEL, NOISE_SEEDS,
-                          make_trial(specs, trials), mine, needs_hessians(specs, trials))
-        # plain floats: a tensor would travel as shared memory that dies with the worker
-        return {n: s.tolist() for n, s in got.sums.items()}, got.trials, got.tokens
-
-    return run
-
-
 @dataclass(frozen=True)
 class ParallelMeasure:
     """How planning's estimates run on worker processes on ``devices``, each loading ``source``; the
     caller's copy of the model waits on the CPU meanwhile (so a GPU never holds two copies).
-    Called, it is a ``measure`` for ``lwq.planning.measured_errors``; ``fisher`` runs the linearity
-    pass (``lwq.score.fisher``) with the trials spread by block over the workers (every worker runs
-    the same pass on the same windows, so the coefficients are the first worker's, as on one device)."""
+    Called, it is a ``measure`` for ``lwq.score.measured.measured_errors``; ``map`` runs any other
+    tasks the same way (the linearity pass: ``lwq.score.linearity``)."""
 
     source: ModelSource
     devices: tuple[str, ...]
@@ -264,19 +231,11 @@ class ParallelMeasure:
         with _parked(model, placement):
             return measure_parallel(self.source, samples.cpu(), tasks, self.devices, on_step, follow_backend)
 
-    def fisher(self, model: torch.nn.Module, samples: torch.Tensor, specs: Mapping[str, Any], trials: str,
-               placement: Any = None, on_step: Progress | None = None) -> Any:
-        from lwq.score.fisher import FisherResult
-
-        n = len(self.devices)
+    def map(self, model: torch.nn.Module, make_runner: Callable[..., Callable[[Any], Any]], args: tuple[Any, ...],
+            tasks: Sequence[Any], placement: Any = None, on_step: Progress | None = None) -> list[Any]:
+        """``run_parallel`` with the caller's model parked meanwhile."""
         with _parked(model, placement):
-            parts = run_parallel(self.source, self.devices, _fisher_runner, (samples.cpu(), dict(specs), trials, n),
-                                 list(range(n)), on_step)
-        merged: dict[str, dict[str, float]] = {}
-        for _sums, part, _tokens in parts:
-            merged.update(part)
-        sums, _, tokens = parts[0]
-        return FisherResult({n: torch.tensor(v, dtype=torch.float64) for n, v in sums.items()}, merged, tokens)
+            return run_parallel(self.source, self.devices, make_runner, args, tasks, on_step)
 
 
 @contextmanager

@@ -4,7 +4,7 @@ Steps: score layer importance (lim, measured sensitivity), quantize uniformly to
 with GPTQ, quantize to 3.25 and 2.5 real bits per weight with the default plan (dp over measured
 per-candidate errors, measured once and reused), evaluate every checkpoint on held-out text, and write a report (PNGs + markdown).
 Everything is built in a hidden sibling of the output folder and renamed into place at the end
-(``lwq.outputs``): an earlier demo output (its marker lists exactly its entries) is replaced then, an
+(``lwq.fileio``): an earlier demo output (its marker lists exactly its entries) is replaced then, an
 empty folder too; any other existing folder is refused, ``--force`` or not.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ Log = Callable[[str], None]
 def check_output(out: Path, force: bool) -> Path:
     """Refuse an output that is a file, or an existing folder that is neither empty nor a demo output
     (``force`` changes nothing here: the demo replaces only its own outputs)."""
-    from lwq.outputs import KINDS, is_output
+    from lwq.fileio import KINDS, is_output
 
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise BadInput(f"demo output {out} exists and is not a folder")
@@ -48,7 +48,7 @@ def _eval(folder: Path, data: Path, load: LoadOptions) -> dict[str, Any]:
 
 def run_demo(folder: Path, out: str, force: bool = False, log: Log = lambda _m: None) -> dict[str, Any]:
     """Run the demo pipeline on the demo model in ``folder``; returns the rows of the table."""
-    from lwq.outputs import OutputLock
+    from lwq.fileio import OutputLock
 
     final = check_output(Path(out).expanduser(), force)
     with OutputLock(final):
@@ -56,7 +56,7 @@ def run_demo(folder: Path, out: str, force: bool = False, log: Log = lambda _m: 
 
 
 def _run(folder: Path, final: Path, log: Log) -> dict[str, Any]:
-    from lwq.outputs import publish
+    from lwq.fileio import publish
 
     model = str(folder / "model")
     calib, held = folder / "calib.txt", folder / "eval.txt"

@@ -59,3 +59,9 @@ def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.Tenso
     hi = w[word + 1] << (32 - off).view(shape)
     vals = (lo | hi) & ((1 << bits) - 1)
     return vals.to(torch.int32).movedim(0, dim)
+
+
+def group_index(in_features: int, group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``g_idx`` without act-order: ``i // group_size`` (all zeros for per-channel, group -1)."""
+    idx = torch.arange(in_features, dtype=torch.int32, device=device)
+    return torch.zeros_like(idx) if group_size == -1 else idx // group_size

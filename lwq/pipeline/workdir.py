@@ -14,10 +14,6 @@
 The final checkpoint streams the blocks' tensors from these files (``stream_state``), so a run
 resumed after a kill writes exactly the bytes of an uninterrupted one and memory does not hold every
 quantized block. The folder is removed once the checkpoint is in place.
-
-Test hook: ``LWQ_TEST_KILL_AFTER_BLOCK=k`` sends the process ``LWQ_TEST_KILL_SIGNAL`` (``KILL`` by
-default, or ``INT``/``TERM``) once block ``k``'s state is committed; the tests use it to kill a run
-mid-way. It does nothing unless set.
 """
 from __future__ import annotations
 
@@ -26,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,19 +32,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lwq import __version__
+from lwq.spec import __version__
 from lwq.errors import BadInput
-from lwq.formats.checkpoint import TensorRef, unique_state, write_error
+from lwq.fileio import write_atomic, write_error, write_json_atomic
+from lwq.formats.checkpoint import unique_state
+from lwq.formats.folder import TensorRef
 from lwq.formats.qlinear import QuantizedLinear, replace_linear
-from lwq.models.arch import arch_for, get_blocks, linear_shape
+from lwq.models.arch import arch_for, block_index, get_blocks, linear_shape
 from lwq.models.blocks import BlockInputs, capture_block_inputs, move_outside_blocks
-from lwq.quantize import BATCH_SIZE, plan_needs_data
+from lwq.pipeline.blockwise import BATCH_SIZE, plan_needs_data
 from lwq.spec import LayerSpec
 
 STATE = "state.json"
 PLAN = "plan.json"
-KILL_ENV = "LWQ_TEST_KILL_AFTER_BLOCK"
-SIGNAL_ENV = "LWQ_TEST_KILL_SIGNAL"
 
 
 def work_dir(out: str | Path) -> Path:
@@ -103,26 +98,6 @@ def fingerprint(**fields: Any) -> dict[str, Any]:
     """A run's fingerprint: the given fields plus the lwq version, as JSON reads them back (tuples
     become lists) so a recorded one compares equal."""
     return json.loads(json.dumps({"lwq_version": __version__, **fields}, default=str))
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temporary sibling, flushed to disk, then renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 @dataclass
@@ -181,7 +156,7 @@ class WorkFolder:
         self.fingerprint = fp
         self._mkdir()
         if not (self.path / STATE).is_file():
-            _write_json(self.path / STATE, {"fingerprint": fp, "next_block": self.next_block})
+            write_json_atomic(self.path / STATE, {"fingerprint": fp, "next_block": self.next_block})
         return self.next_block
 
     def block_file(self, i: int) -> Path:
@@ -195,18 +170,17 @@ class WorkFolder:
         """Record finished block ``i`` (its tensors, and the inputs of block ``i + 1`` when given, with
         the full-precision stream when refining), then commit ``next_block = i + 1``."""
         state = {f"{prefix}.{k}": t.detach().cpu().contiguous() for k, t in unique_state(block).items()}
-        _atomic(self.block_file(i), lambda p: save_file(state, str(p), metadata={"keys": json.dumps(list(state))}))
+        write_atomic(self.block_file(i), lambda p: save_file(state, str(p), metadata={"keys": json.dumps(list(state))}))
         if next_hidden is not None:
             tensors = {f"hidden.{j}": h.detach().cpu().contiguous() for j, h in enumerate(next_hidden)}
             tensors.update({f"reference.{j}": h.detach().cpu().contiguous() for j, h in enumerate(reference or [])})
             tensors["rng.cpu"] = torch.get_rng_state()
             if torch.cuda.is_available():
                 tensors["rng.cuda"] = torch.cuda.get_rng_state()
-            _atomic(self.inputs_file(i + 1), lambda p: save_file(tensors, str(p)))
+            write_atomic(self.inputs_file(i + 1), lambda p: save_file(tensors, str(p)))
         self.next_block = i + 1
-        _write_json(self.path / STATE, {"fingerprint": self.fingerprint, "next_block": self.next_block})
+        write_json_atomic(self.path / STATE, {"fingerprint": self.fingerprint, "next_block": self.next_block})
         self.inputs_file(i).unlink(missing_ok=True)
-        _test_kill(i)
 
     def load_inputs(self, i: int, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """The saved hidden states entering block ``i`` and the saved full-precision stream (None
@@ -245,7 +219,7 @@ class WorkFolder:
 
     def save_plan(self, planning: dict[str, Any], plan: dict[str, Any]) -> None:
         self._mkdir()
-        _write_json(self.path / PLAN, {"fingerprint": planning, "plan": plan})
+        write_json_atomic(self.path / PLAN, {"fingerprint": planning, "plan": plan})
 
     def saved_plan(self, planning: dict[str, Any]) -> dict[str, Any] | None:
         """The plan saved by an earlier attempt of the same planning, if any."""
@@ -287,20 +261,6 @@ def _reader(f: Path, key: str) -> Callable[[], torch.Tensor]:
     return read
 
 
-def _test_kill(i: int) -> None:
-    """The test hook described in the module docstring."""
-    if os.environ.get(KILL_ENV) == str(i):
-        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(SIGNAL_ENV, "KILL").upper()))
-
-
-def block_of(name: str, prefix: str) -> int | None:
-    """The block index of tensor/module ``name`` under the block list ``prefix``, else None."""
-    if not name.startswith(prefix + "."):
-        return None
-    head = name[len(prefix) + 1:].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
-
-
 def stream_state(model: nn.Module, work: WorkFolder) -> dict[str, TensorRef]:
     """The checkpoint's tensors in order: the finished blocks' from the work folder, the rest
     (embeddings, final norm, head) from ``model``."""
@@ -308,7 +268,7 @@ def stream_state(model: nn.Module, work: WorkFolder) -> dict[str, TensorRef]:
     out: dict[str, TensorRef] = {}
     emitted: set[int] = set()
     for key, t in unique_state(model).items():
-        b = block_of(key, prefix)
+        b = block_index(key, prefix)
         if b is None:
             out[key] = TensorRef.of(t)
         elif b < work.next_block:
@@ -335,7 +295,7 @@ def restore_blocks(model: nn.Module, work: WorkFolder, plan: dict[str, LayerSpec
             r = refs[k]
             return r.read() if load else torch.empty(r.shape, dtype=r.dtype, device="meta")
 
-        planned = [n for n in plan if block_of(n, prefix) == i]
+        planned = [n for n in plan if block_index(n, prefix) == i]
         for name in planned:
             rel = name[len(f"{prefix}.{i}."):]
             keys = [k for k in refs if k.startswith(name + ".")]
@@ -358,7 +318,7 @@ def resume_inputs(model: nn.Module, work: WorkFolder, plan: dict[str, LayerSpec]
     embeddings) recomputed by capturing block 0's inputs again; None when the rest needs no data."""
     restore_blocks(model, work, plan, load)
     arch = arch_for(model)
-    rest = {n: s for n, s in plan.items() if (block_of(n, arch.blocks) or 0) >= work.next_block}
+    rest = {n: s for n, s in plan.items() if (block_index(n, arch.blocks) or 0) >= work.next_block}
     if batches is None or not (refining or plan_needs_data(rest)):
         return None
     hidden, reference = work.load_inputs(work.next_block, device)

@@ -8,51 +8,25 @@ produces the next block's inputs. Layers missing from the plan are left as they 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
 from lwq.backends import QuantizedWeight, get_backend, needs_hessian, quantize_weight
-from lwq.backends.refine import OnStep, RefineConfig, RefineReport, refine_block
-from lwq.calib.stats import BlockLoader, ResidentBlocks
+from lwq.pipeline.refine import OnStep, RefineConfig, RefineReport, refine_block
+from lwq.calib.stats import InputAccumulator
+from lwq.models.blocks import BlockInputs, BlockLoader, ResidentBlocks, block_outputs, capture_block_inputs, move_outside_blocks, run_block
 from lwq.errors import BadInput
 from lwq.formats.layouts import get_layout
 from lwq.formats.qlinear import QuantizedLinear, quantized_from_linear, replace_linear
-from lwq.models.arch import arch_for, get_blocks, linear_weight
-from lwq.models.blocks import BlockInputs, block_outputs, capture_block_inputs, move_outside_blocks, run_block
+from lwq.models.arch import arch_for, block_index, get_blocks, linear_weight
 from lwq.spec import LayerSpec
 
 Plan = dict[str, LayerSpec]
 BATCH_SIZE = 8  # calibration windows per forward pass
 OnBlock = Callable[[int, dict[str, QuantizedWeight], "BlockInputs | None"], None]
 PreQuantize = Callable[[str, torch.Tensor, "torch.Tensor | None", LayerSpec], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
-
-
-@dataclass
-class InputStats:
-    """Running statistics of a linear's inputs: ``H`` = mean of ``2 x x^T`` over tokens (GPTQ's
-    scaling, accumulated as a running mean in float32) and the per-input-channel absmax."""
-
-    in_features: int
-    device: torch.device
-    tokens: int = 0
-    H: torch.Tensor = field(init=False)
-    absmax: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.H = torch.zeros(self.in_features, self.in_features, device=self.device)
-        self.absmax = torch.zeros(self.in_features, device=self.device)
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        n = x.shape[0]
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
-        self.H *= self.tokens / (self.tokens + n)
-        self.tokens += n
-        x = x * (2.0 / self.tokens) ** 0.5
-        self.H += x.t() @ x
 
 
 def needs_data(spec: LayerSpec) -> bool:
@@ -69,10 +43,10 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def collect_stats(block: nn.Module, module: nn.Module, inputs: BlockInputs, device: torch.device) -> InputStats:
-    """Run ``block`` on every batch, up to ``module``, accumulating the statistics of what it receives."""
-    in_f = int(linear_weight(module).shape[1])
-    stats = InputStats(in_f, device)
+def input_stats(block: nn.Module, module: nn.Module, inputs: BlockInputs, device: torch.device) -> InputAccumulator:
+    """Run ``block`` on every batch, up to ``module``, accumulating the statistics of what it receives
+    (the Hessian in GPTQ's scaling: ``2 X^T X / n``)."""
+    stats = InputAccumulator(int(linear_weight(module).shape[1]), device, hessian=True, scale=2.0)
 
     def hook(_m: nn.Module, args: tuple) -> None:
         stats.add(args[0])
@@ -124,7 +98,7 @@ def quantize_model(
     default the storage layout's own ``pre_quantize`` method is used when it has one.
 
     ``refine``: after its backend, each block's linears are tuned against the full-precision
-    block's outputs (``lwq.backends.refine``); this needs calibration data for every plan, and the
+    block's outputs (``lwq.pipeline.refine``); this needs calibration data for every plan, and the
     inputs then also carry the full-precision stream (``BlockInputs.reference``). Block ``i`` is tuned
     with the seed ``seed + i``; ``reports`` (when given) collects one ``RefineReport`` per block.
     """
@@ -135,7 +109,7 @@ def quantize_model(
     if not 0 <= start_block <= len(blocks):
         raise BadInput(f"start block must be in 0..{len(blocks)}, got {start_block}")
     refining = refine is not None and refine.steps > 0
-    with_data = refining or plan_needs_data({n: s for n, s in plan.items() if _block_of(n, arch.blocks) >= start_block})
+    with_data = refining or plan_needs_data({n: s for n, s in plan.items() if (block_index(n, arch.blocks) or 0) >= start_block})
     home = next(model.parameters()).device
     loader = loader or ResidentBlocks(str(home))
     if with_data and inputs is None:
@@ -175,10 +149,6 @@ def quantize_model(
     return done
 
 
-def _block_of(name: str, prefix: str) -> int:
-    return int(name[len(prefix) + 1:].split(".", 1)[0])
-
-
 def _quantize_block(block: nn.Module, prefix: str, groups: tuple[tuple[str, ...], ...], plan: Plan,
                     inputs: BlockInputs | None, device: torch.device, pre_quantize: PreQuantize | None,
                     sources: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedWeight]:
@@ -193,7 +163,7 @@ def _quantize_block(block: nn.Module, prefix: str, groups: tuple[tuple[str, ...]
             continue
         stats = None
         if inputs is not None and any(needs_data(plan[f"{prefix}.{lin}"]) for lin in members):
-            stats = collect_stats(block, block.get_submodule(members[0]), inputs, device)
+            stats = input_stats(block, block.get_submodule(members[0]), inputs, device)
         for lin in members:
             name, module = f"{prefix}.{lin}", block.get_submodule(lin)
             spec = plan[name]
