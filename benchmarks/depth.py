@@ -106,7 +106,8 @@ def main() -> None:
                     argv = ["-m", "lwq", "quantize", str(model), "-o", str(out), "--budget", "3.5bit",
                             "--candidate-bits", "3,4", "--backend", "rtn", "--device", "cpu", "--quiet",
                             "--data", str(root / "calib.txt"), "--nsamples", str(BUDGET_NSAMPLES),
-                            "--seqlen", str(BUDGET_SEQLEN), *(["--max-memory", "1MB"] if method == "budget-lazy" else [])]
+                            "--seqlen", str(BUDGET_SEQLEN),
+                            *(["--max-memory", "1MB"] if method == "budget-lazy" else [])]
                 elif method == "plan":
                     argv = ["-m", "lwq", "quantize", str(model), "-o", str(out), "--plan", str(root / "plan.json"),
                             "--device", "cpu", "--quiet"]
@@ -116,7 +117,8 @@ def main() -> None:
                             "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN)]
                 rss, seconds = measure(argv, args.threads)
                 ckpt = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
-                rows.append({"blocks": depth, "method": method, "model_mib": round(size, 1), "peak_rss_mib": round(rss, 1),
+                rows.append({"blocks": depth, "method": method, "model_mib": round(size, 1),
+                             "peak_rss_mib": round(rss, 1),
                              "seconds": round(seconds, 2), "checkpoint_mib": round(ckpt, 1)})
                 print(f"{depth:>6} {method:>10} model {size:8.1f} MiB  peak RSS {rss:8.1f} MiB  {seconds:7.1f} s",
                       flush=True)

@@ -54,14 +54,16 @@ def main() -> None:
             for est in ("sensitivity", "linearity"):
                 t0 = time.perf_counter()
                 for b in a.budgets.split(","):
-                    lwq("plan", model, "--budget", f"{b}bit", "--scorer", est, "--error-db", str(tmp / f"{fx}-{est}.json"),
+                    lwq("plan", model, "--budget", f"{b}bit", "--scorer", est,
+                        "--error-db", str(tmp / f"{fx}-{est}.json"),
                         "-o", str(tmp / f"{fx}-{est}-{b}.json"), *common)
                     seconds.setdefault(est, time.perf_counter() - t0)  # the first budget measures the database
                 dbs[est] = json.loads((tmp / f"{fx}-{est}.json").read_text())
             xs, ys = paired(dbs["linearity"], dbs["sensitivity"])
             row = {"fixture": fx, "candidates": len(xs), "spearman": round(spearman(xs, ys), 4),
                    "seconds": {k: round(v, 1) for k, v in seconds.items()}, "ppl": {}}
-            print(f"{fx}: Spearman {row['spearman']} over {len(xs)} candidates; planning s {row['seconds']}", flush=True)
+            print(f"{fx}: Spearman {row['spearman']} over {len(xs)} candidates; "
+                  f"planning s {row['seconds']}", flush=True)
             for b in a.budgets.split(","):
                 for est in ("sensitivity", "linearity"):
                     out = tmp / f"q-{fx}-{est}-{b}"

@@ -1,6 +1,7 @@
 """Perplexity against real bits per weight on the docs8 fixture: uniform GPTQ 2/3/4-bit and the
 budget solvers (``order`` with lim / zd, ``random`` ordering, ``dp`` on measured errors (GPTQ trials:
-the default; ``dp-rtn``: round-to-nearest trials) or Hessian errors, ``search``) at several budgets, every plan quantized with GPTQ g128 on the same calibration windows.
+the default; ``dp-rtn``: round-to-nearest trials) or Hessian errors, ``search``) at several budgets, every plan
+quantized with GPTQ g128 on the same calibration windows.
 Also how much of the gap between uniform 3-bit and fp16 each method closes at 3.25 bpw. Prints
 markdown; writes benchmarks/out/pareto.json and benchmarks/out/pareto.png.
 
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=80, help="evaluation windows")
     ap.add_argument("--generations", type=int, default=4, help="search generations")
     ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--render", metavar="JSON", help="only print the markdown (and redraw OUT/pareto.png) of an earlier pareto.json")
+    ap.add_argument("--render", metavar="JSON",
+                    help="only print the markdown (and redraw OUT/pareto.png) of an earlier pareto.json")
     ap.add_argument("--error-db", help="JSON of measured errors: reused when present, written after measuring")
     ap.add_argument("--merge", action="store_true", help="keep the other methods of an existing OUT/pareto.json")
     args = ap.parse_args(argv)

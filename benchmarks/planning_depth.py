@@ -27,7 +27,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "calib.txt").write_text(" ".join(f"w{(i * 7919) % (VOCAB - 3)}" for i in range(a.nsamples * a.seqlen * 2)))
+        (root / "calib.txt").write_text(
+            " ".join(f"w{(i * 7919) % (VOCAB - 3)}" for i in range(a.nsamples * a.seqlen * 2)))
         for depth in depths:
             model = root / f"llama-{depth}"
             subprocess.run([sys.executable, str(Path(__file__).with_name("depth.py")), "--make", str(model), str(depth),

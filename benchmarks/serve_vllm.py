@@ -106,7 +106,8 @@ def main() -> None:
                      "vllm": vllm.__version__})
         print(json.dumps(rows[-1]), flush=True)
         del llm
-    print("\n| export | vLLM method | vLLM ppl | lwq ppl | diff | greedy same | prefix |\n|---|---|---:|---:|---:|---:|---:|")
+    print("\n| export | vLLM method | vLLM ppl | lwq ppl | diff | greedy same | prefix |\n"
+          "|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['export']} | {r['vllm_quantization']} | {r['vllm_ppl']:.3f} | {r['lwq_ppl']:.3f} | "
               f"{100 * r['rel']:+.2f}% | {100 * r['greedy_same']:.0f}% | {r['greedy_prefix']} |")

@@ -51,7 +51,8 @@ def main() -> None:
     print(f"python start-up alone: min {min(bare):.3f} s\n")
     print("| command | min s | median s | imports |\n|---|---:|---:|---|")
     for r in rows:
-        print(f"| `{r['command']}` | {r['min_s']} | {r['median_s']} | {', '.join(r['heavy_imports']) or 'none of ' + '/'.join(HEAVY)} |")
+        print(f"| `{r['command']}` | {r['min_s']} | {r['median_s']} | "
+              f"{', '.join(r['heavy_imports']) or 'none of ' + '/'.join(HEAVY)} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
                                        "python_alone_min_s": round(min(bare), 3), "rows": rows}, indent=2) + "\n")

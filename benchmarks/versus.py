@@ -154,7 +154,8 @@ def drive(python: str, code: str, args: dict, timeout: float = 7200) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run([python, "-c", code, json.dumps(args)], capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
-        raise SystemExit(f"driver failed ({python}): {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        raise SystemExit(f"driver failed ({python}): "
+                         f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -168,7 +169,8 @@ def bench_parser(doc: str | None, name: str, fixture: bool = False, **options: A
         p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / f"{name}.json"))
     if fixture:
-        for flag, default in (("--model", SHARED / "fixtures" / "docs8"), ("--calib", SHARED / "data" / "docs-calib.txt"),
+        for flag, default in (("--model", SHARED / "fixtures" / "docs8"),
+                              ("--calib", SHARED / "data" / "docs-calib.txt"),
                               ("--eval", SHARED / "data" / "docs-eval.txt")):
             p.add_argument(flag, default=str(default))
         p.add_argument("--nsamples", type=int, default=128)

@@ -43,7 +43,8 @@ class LayerSpec:
             raise BadInput(f"format must be one of {FORMATS}, got {self.format!r}")
         why = layout_mismatch(self)
         if why:
-            raise BadInput(f"{self.format} cannot store {self.bits}-bit weights with {self.act_bits}-bit activations: {why}")
+            raise BadInput(f"{self.format} cannot store {self.bits}-bit weights "
+                           f"with {self.act_bits}-bit activations: {why}")
 
     @property
     def label(self) -> str:

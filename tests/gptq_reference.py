@@ -67,7 +67,8 @@ def read_gptq(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[s
     side = json.loads((folder / "quantize_config.json").read_text())
     assert all(side[k] == qc[k] for k in ("bits", "group_size", "sym", "desc_act", "dynamic"))
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     raw: dict[str, np.ndarray] = {}
     for f in files:
         raw.update(load_file(str(folder / f)))

@@ -73,7 +73,8 @@ def save_tiny(tmp: Path, arch: str = "llama", layers: int = 2, hidden: int = 64,
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(125)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(str(tmp))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(str(tmp))
     return tmp
 
 

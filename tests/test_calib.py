@@ -93,7 +93,8 @@ def test_save_load_round_trip_and_checks(tmp_path: Path) -> None:
         assert torch.equal(back.linears[name].hessian, st.hessian)
         assert torch.equal(back.linears[name].absmax, st.absmax)
         assert back.linears[name].shape == st.shape and back.linears[name].tokens == st.tokens
-    assert back.linears["model.layers.1.self_attn.v_proj"].hessian is back.linears["model.layers.1.self_attn.q_proj"].hessian
+    assert (back.linears["model.layers.1.self_attn.v_proj"].hessian
+            is back.linears["model.layers.1.self_attn.q_proj"].hessian)
     with pytest.raises(BadInput, match="already exists"):
         save_calib(stats, out, "tiny")
     save_calib(stats, out, "tiny", force=True)
@@ -111,7 +112,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return str(save_tiny(root / "model", "llama", layers=3)), str(text)
 
 
-def test_cli_calibrate_json_and_folder(tiny: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_calibrate_json_and_folder(tiny: tuple[str, str], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     model, text = tiny
     out = tmp_path / "calib"
     argv = ["calibrate", model, "--data", text, "--nsamples", "3", "--seqlen", "32", "-o", str(out), "--json"]

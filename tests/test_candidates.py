@@ -51,7 +51,8 @@ def test_hessian_error_equals_output_error():
     dW = W - rtn_fake_quant(W, 3, 64)
     direct = float(((X @ dW.T) ** 2).sum())  # || X dW^T ||_F^2 = trace(dW H dW^T)
     assert hessian_error(W, H, spec.bits, spec.group_size, spec.sym) == pytest.approx(direct, rel=1e-4)
-    sixteen = hessian_errors(make_candidates({"a.q_proj": (64, 192)}, (3, 16), "rtn", 64), {"a.q_proj": W}, {"a.q_proj": H})
+    sixteen = hessian_errors(make_candidates({"a.q_proj": (64, 192)}, (3, 16), "rtn", 64),
+                             {"a.q_proj": W}, {"a.q_proj": H})
     assert [c.error for c in sixteen[0].candidates] == [pytest.approx(direct, rel=1e-4), 0.0]
 
 

@@ -34,7 +34,8 @@ def test_demo_pipeline_on_a_small_build(tmp_path: Path) -> None:
     assert mixed["bits_per_weight"] <= 3.25
     assert rows["lwq mixed 2.5bit (dp)"]["bits_per_weight"] <= 2.5
     assert (out / "report" / "report.md").is_file() and (out / "report" / "pareto.png").is_file()
-    assert json.loads((out / "mixed-3.25bit" / "lwq_eval.json").read_text())["perplexity"] == pytest.approx(mixed["perplexity"])
+    assert (json.loads((out / "mixed-3.25bit" / "lwq_eval.json").read_text())["perplexity"]
+            == pytest.approx(mixed["perplexity"]))
     assert str(tmp_path / "out") in (out / "report" / "report.md").read_text()  # built aside, paths say where it is
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden build folder left
     assert check_output(out, force=False) == out  # its own output folder is replaced on the next run

@@ -27,7 +27,8 @@ def digests(folder) -> dict[str, str]:
 
 @pytest.mark.parametrize("backend", ["rtn", "gptq"])
 def test_two_runs_are_byte_identical_and_the_seed_matters(tiny, tmp_path, backend):
-    argv = ["--bits", "3", "--group-size", "32", "--backend", backend, "--data", str(tiny / "calib.txt"), "--refine", "none",
+    argv = ["--bits", "3", "--group-size", "32", "--backend", backend, "--data", str(tiny / "calib.txt"),
+            "--refine", "none",
             "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "--quiet"]
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         assert run(["quantize", str(tiny / "model"), "-o", str(tmp_path / name), "--seed", seed, *argv]) == 0

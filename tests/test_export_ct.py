@@ -69,7 +69,8 @@ def test_docs8_loads_in_transformers_with_lwq_perplexity(docs8, tmp_path, capsys
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     assert qc["quantization_status"] == "compressed"
-    schemes = {(g["weights"]["num_bits"], g["weights"]["group_size"], g["weights"]["strategy"], g["weights"]["symmetric"])
+    schemes = {(g["weights"]["num_bits"], g["weights"]["group_size"], g["weights"]["strategy"],
+                g["weights"]["symmetric"])
                for g in qc["config_groups"].values()}
     # group 128 over 192 inputs is ragged: written as groups of gcd(192, 128) = 64 (lossless)
     assert schemes == {(4, 64, "group", True), (3, 64, "group", True), (8, None, "channel", True),

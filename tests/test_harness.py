@@ -22,7 +22,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("harness")
     save_tiny(root / "model", "llama")
     (root / "text.txt").write_text(word_text(2000))
-    quantize_to_checkpoint(str(root / "model"), str(root / "q"), lambda m: {n: make_spec(2, 32) for n in linear_names(m)},
+    quantize_to_checkpoint(str(root / "model"), str(root / "q"),
+                           lambda m: {n: make_spec(2, 32) for n in linear_names(m)},
                            load=LoadOptions(device="cpu"))
     return root
 

@@ -1,4 +1,5 @@
-"""``AutoModelForCausalLM.from_pretrained`` of lwq checkpoints after ``import lwq`` (lwq.formats.hf_register, lwq.formats.hf_quantizer)."""
+"""``AutoModelForCausalLM.from_pretrained`` of lwq checkpoints after ``import lwq`` (lwq.formats.hf_register,
+lwq.formats.hf_quantizer)."""
 from __future__ import annotations
 
 import json

@@ -340,5 +340,6 @@ def test_kernel_without_g_idx_and_zeros_matches_the_reference():
         ref = a16_ref.w4a16_reference(x, t["qweight"], t.get("qzeros"), t["scales"], None, spec.bits, spec.group_size)
         want = x @ get_layout("gptq").dequantize(t, spec, (40, 160)).t()
         assert torch.allclose(ref, want, atol=1e-4)
-        got = a16_ops.w4a16_linear(x, t["qweight"], t.get("qzeros"), t["scales"], None, spec.bits, group_size=spec.group_size)
+        got = a16_ops.w4a16_linear(x, t["qweight"], t.get("qzeros"), t["scales"], None, spec.bits,
+                                   group_size=spec.group_size)
         assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), spec.label

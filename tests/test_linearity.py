@@ -72,7 +72,8 @@ def test_candidate_error_is_coefficient_times_relative_error(planned):
     model, layers, out, db = planned
     lc = next(x for x in out if x.name == "model.layers.0.mlp.up_proj")
     x = []
-    hook = model.get_submodule(lc.name).register_forward_hook(lambda _m, a, _o: x.append(a[0].reshape(-1, a[0].shape[-1])))
+    hook = model.get_submodule(lc.name).register_forward_hook(
+        lambda _m, a, _o: x.append(a[0].reshape(-1, a[0].shape[-1])))
     with torch.no_grad():
         model(input_ids=IDS[:16])
     hook.remove()

@@ -210,4 +210,5 @@ def test_quantize_budget_with_devices_writes_the_same_checkpoint(tiny, tmp_path,
     assert two["bits_per_weight"] == one["bits_per_weight"] <= 3.25
     plans = [json.loads((tmp_path / d / "plan.json").read_text())["layers"] for d in ("one", "two")]
     assert {n: e["bits"] for n, e in plans[0].items()} == {n: e["bits"] for n, e in plans[1].items()}
-    assert (tmp_path / "two" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
+    assert ((tmp_path / "two" / "model.safetensors").read_bytes()
+            == (tmp_path / "one" / "model.safetensors").read_bytes())

@@ -105,3 +105,15 @@ def test_dtype_resolution() -> None:
 def test_fixture_model_loads() -> None:
     model = load_model(str(fixture_model("docs8")), device="cpu")
     assert len(get_blocks(model)) == 8 and len(linear_names(model)) == 56
+
+
+def test_a_table_row_that_does_not_fit_says_why():
+    """A llama whose blocks lack a table linear falls back to the generic layout, naming what is missing."""
+    from lwq.models.arch import arch_for
+
+    model = tiny_model("llama")
+    for block in model.model.layers:
+        del block.self_attn.q_proj
+    spec = arch_for(model)
+    assert spec.name == "generic:llama" and "self_attn.q_proj" in spec.why_generic
+    assert arch_for(tiny_model("llama")).why_generic == ""

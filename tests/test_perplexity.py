@@ -62,7 +62,8 @@ def test_disjoint_windows_match_transformers_loss() -> None:
     ids = torch.randint(0, 128, (4 * 32 + 5,), generator=torch.Generator().manual_seed(1))
     res = perplexity(model, ids, 32, batch_size=2)
     with torch.no_grad():
-        losses = [float(model(input_ids=ids[b:b + 32][None], labels=ids[b:b + 32][None]).loss) for b in range(0, 128, 32)]
+        losses = [float(model(input_ids=ids[b:b + 32][None], labels=ids[b:b + 32][None]).loss)
+                  for b in range(0, 128, 32)]
     assert res.windows == 4 and res.tokens == 4 * 31  # final partial window dropped
     assert res.nll == pytest.approx(sum(losses) / 4, rel=1e-5)
 

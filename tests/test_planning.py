@@ -60,7 +60,8 @@ def test_plan_json_within_budget_for_each_solver(tiny, tmp_path, capsys, solver,
     assert doc["total_bytes"] == sum(e["cost_bytes"] for e in layers.values())
     numel = sum(e["numel"] for e in layers.values())
     assert doc["bits_per_weight"] == pytest.approx(8 * doc["total_bytes"] / numel, abs=1e-5)
-    assert len({e["bits"] for e in layers.values()}) >= 2, "a 4.0-bit budget mixes 3 and 4 bits (all at 4 bits is 4.3 bpw; one block of two at 4 bits fits)"
+    assert len({e["bits"] for e in layers.values()}) >= 2, (
+        "a 4.0-bit budget mixes 3 and 4 bits (all at 4 bits is 4.3 bpw; one block of two at 4 bits fits)")
     if solver == "ilp":
         for b in range(2):
             p = f"model.layers.{b}"

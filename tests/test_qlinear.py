@@ -32,7 +32,8 @@ def independent_dequant(qw, W):
 
 def cases():
     out = [("rtn", make_spec(b, g)) for b, g in ((2, 32), (3, 128), (4, 64), (8, -1))]
-    out += [("rtn-sym", make_spec(4, 128, sym=True)), ("gptq-act-order", make_spec(3, 64, backend="gptq", act_order=True)),
+    out += [("rtn-sym", make_spec(4, 128, sym=True)),
+            ("gptq-act-order", make_spec(3, 64, backend="gptq", act_order=True)),
             ("fp16", make_spec(16))]
     if BNB:
         out += [(b, make_spec(bits, 64 if bits == 4 else -1, backend=b))

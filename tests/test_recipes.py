@@ -20,8 +20,10 @@ def write(tmp_path, text):
 
 def test_shipped_recipes_load_and_are_documented():
     readme = (CONFIGS / "README.md").read_text()
-    expect = {"balanced-3.25bit.yaml": ("dp", "sensitivity", "3.25bit"), "paper-order-3.25bit.yaml": ("order", "lim", "3.25bit"),
-              "quality-search-3.5bit.yaml": ("search", "sensitivity", "3.5bit"), "fast-rtn-4bit.yaml": ("order", "zd", "4.5bit")}
+    expect = {"balanced-3.25bit.yaml": ("dp", "sensitivity", "3.25bit"),
+              "paper-order-3.25bit.yaml": ("order", "lim", "3.25bit"),
+              "quality-search-3.5bit.yaml": ("search", "sensitivity", "3.5bit"),
+              "fast-rtn-4bit.yaml": ("order", "zd", "4.5bit")}
     for name, (solver, scorer, budget) in expect.items():
         r = load_recipe(CONFIGS / name)
         assert (r.solver, r.scorer, r.budget) == (solver, scorer, budget)

@@ -153,7 +153,8 @@ def test_cli_score_from_calibration_folder(tiny: tuple[str, str], tmp_path: Path
                                            capsys: pytest.CaptureFixture[str]) -> None:
     model, text = tiny
     calib = tmp_path / "calib"
-    assert run(["calibrate", model, "--data", text, "--nsamples", "2", "--seqlen", "16", "-o", str(calib), "--quiet"]) == 0
+    assert run(["calibrate", model, "--data", text, "--nsamples", "2", "--seqlen", "16", "-o", str(calib),
+                "--quiet"]) == 0
     capsys.readouterr()
     direct = _json(capsys, ["score", model, "--data", text, "--method", "lim,hessian", "--nsamples", "2",
                             "--seqlen", "16", "--json"])

@@ -233,7 +233,8 @@ def test_ilp_global_floor_and_bad_constraints():
     with pytest.raises(BadInput, match="unknown layer"):
         run_solver("ilp", KNOWN, 100, tie_groups=[["l0", "nope"]])
     odd = toy([[10, 20], [10, 20]], [[1, 0], [1, 0]], (2, 4))
-    odd = [odd[0], LayerCandidates("l1", 100, (10, 10), tuple(Candidate(make_spec(b), 10 * b, 1.0 / b) for b in (3, 8)))]
+    odd = [odd[0], LayerCandidates("l1", 100, (10, 10),
+                                   tuple(Candidate(make_spec(b), 10 * b, 1.0 / b) for b in (3, 8)))]
     with pytest.raises(BadInput, match="contradict"):
         run_solver("ilp", odd, 10**6, tie_groups=[["l0", "l1"]])  # no shared width
 

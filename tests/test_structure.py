@@ -138,3 +138,17 @@ def test_each_stage_is_one_folder_and_top_level_modules_are_shared_ones():
 def test_files_stay_under_400_lines():
     long = {module_name(p): n for p in ROOT.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert long == {}
+
+
+def test_help_and_version_load_no_torch():
+    """``lwq --version`` and ``lwq --help`` need none of the stages: commands import them when they run."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom lwq.cli import run\nfor argv in (['--version'], ['--help'], ['quantize', '--help']):\n"
+            "    assert run(argv) == 0\nprint(sorted(m for m in ('torch', 'transformers', 'numpy', 'safetensors') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT.parent)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -49,7 +49,8 @@ class Solver:
 
 
 SOLVERS: Registry[Solver] = Registry("solver")
-for _entry in (Solver("order", order.solve, units="block"), Solver("random", order.solve_random, units="block", seeded=True),
+for _entry in (Solver("order", order.solve, units="block"),
+               Solver("random", order.solve_random, units="block", seeded=True),
                Solver("dp", dp.solve), Solver("ilp", ilp.solve, package="highspy"),
                Solver("search", search.solve, seeded=True, evaluates=True)):
     SOLVERS.add(_entry.name, _entry)

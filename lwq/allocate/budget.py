@@ -12,7 +12,8 @@ from typing import Protocol, Sequence
 
 from lwq.errors import BadInput
 
-ACCEPTED = "accepted forms: 3.25bit or 3.25bpw (bits per weight), 4GB, 3.5GiB, 500MB, 1.2e9B (checkpoint bytes), 0.25x (fraction of fp16 size)"
+ACCEPTED = ("accepted forms: 3.25bit or 3.25bpw (bits per weight), 4GB, 3.5GiB, 500MB, 1.2e9B (checkpoint bytes), "
+            "0.25x (fraction of fp16 size)")
 
 _UNITS: dict[str, tuple[str, float]] = {
     "bit": ("bpw", 1.0), "bits": ("bpw", 1.0), "bpw": ("bpw", 1.0),

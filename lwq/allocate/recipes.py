@@ -116,7 +116,8 @@ def _check(r: Recipe) -> None:
     solver = SOLVERS.get(r.solver)
     if r.target is not None and TARGETS.get(r.target).fused_must_match and not (solver.ties or solver.units == "block"):
         blockwise = [n for n, s in SOLVERS.items() if s.ties or s.units == "block"]
-        raise BadInput(f"recipe: target {r.target} ties fused shards: use solver {', '.join(blockwise)}, not {r.solver}")
+        raise BadInput(f"recipe: target {r.target} ties fused shards: "
+                       f"use solver {', '.join(blockwise)}, not {r.solver}")
     want("description", isinstance(r.description, str), "a string")
     want("options", isinstance(r.options, Mapping), "a mapping of solver options")
     accepted = [o for o in solver_options(r.solver) if o not in RUNTIME_ONLY]

@@ -41,4 +41,5 @@ def quantize_weight(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor
     return get_backend(spec.backend)(weight, spec, hessian)
 
 
-__all__ = ["BACKENDS", "GRIDS", "with_grid", "Backend", "QuantizedWeight", "bnb_status", "get_backend", "needs_hessian", "quantize_weight"]
+__all__ = ["BACKENDS", "GRIDS", "with_grid", "Backend", "QuantizedWeight", "bnb_status", "get_backend", "needs_hessian",
+           "quantize_weight"]

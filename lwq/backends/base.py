@@ -1,4 +1,5 @@
-"""The backend interface: declared ``Backend`` entries, ``quantize(weight, spec, hessian=None) -> QuantizedWeight``, by name."""
+"""The backend interface: declared ``Backend`` entries, ``quantize(weight, spec, hessian=None) -> QuantizedWeight``,
+by name."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -118,7 +118,8 @@ def load_calib(path: str | Path, model: nn.Module | None = None) -> CalibStats:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadInput(f"cannot read {p / CALIB_JSON}: {exc}") from None
     if not isinstance(doc, dict) or doc.get("version") != CALIB_VERSION:
-        raise BadInput(f"{p / CALIB_JSON}: unsupported calibration version {doc.get('version') if isinstance(doc, dict) else '?'}")
+        raise BadInput(f"{p / CALIB_JSON}: unsupported calibration version "
+                       f"{doc.get('version') if isinstance(doc, dict) else '?'}")
     tensors: dict[str, torch.Tensor] = {}
     try:
         files = sorted({d["file"] for d in doc["linears"].values()})

@@ -123,12 +123,14 @@ def doctor_command(json_out: bool = JSON_OPT) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    report = doctor_report()
+    from lwq.spec import __version__
+
     if json_out:
-        emit_json(report)
+        emit_json(doctor_report())
         return
-    console = out_console()
-    console.print(f"lwq {report['lwq']} on Python {report['python']} ({report['platform']})", highlight=False)
+    console = out_console()  # the first line needs no torch: it is out before the checks import anything
+    console.print(f"lwq {__version__} on Python {platform.python_version()} ({platform.platform()})", highlight=False)
+    report = doctor_report()
     pk = Table(title="packages")
     for col in ("package", "version", "note"):
         pk.add_column(col)

@@ -61,7 +61,8 @@ def run_tasks(model: Any, tokenizer: Any, tasks: Sequence[str], limit: int | Non
     except (KeyError, ValueError) as exc:
         raise BadInput(f"lm-eval refused the tasks {', '.join(tasks)}: {' '.join(str(exc).split())[:200]}") from None
     except (ConnectionError, OSError) as exc:
-        raise LwqError(f"lm-eval could not fetch the task data (network?): {' '.join(str(exc).split())[:200]}") from None
+        raise LwqError("lm-eval could not fetch the task data (network?): "
+                       f"{' '.join(str(exc).split())[:200]}") from None
     if not out or "results" not in out:
         raise LwqError("lm-eval returned no results")
     return task_metrics(out["results"])

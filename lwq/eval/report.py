@@ -144,7 +144,8 @@ def _checkpoint_section(folder: Path, label: str, out: Path) -> tuple[dict[str, 
     for e in plan.layers.values():
         key = f"{e.spec.bits}-bit {e.spec.format}"
         hist[key] = hist.get(key, 0) + 1
-    section = {"label": label, "folder": str(folder), "layers": len(plan.layers), "bits_per_weight": plan.bits_per_weight,
+    section = {"label": label, "folder": str(folder), "layers": len(plan.layers),
+               "bits_per_weight": plan.bits_per_weight,
                "quantized_bytes": plan.total_bytes, "budget": plan.budget, "solver": plan.solver, "scorer": plan.scorer,
                "histogram": dict(sorted(hist.items())), "figures": figures}
     row = None

@@ -204,7 +204,8 @@ def check_tensor_names(model: nn.Module, shards: list[Path]) -> None:
             raise BadInput(f"cannot read {shard.name}: {exc}") from None
     unexpected, missing = sorted(stored - expected), sorted(expected - stored)
     if unexpected:
-        raise BadInput(f"the checkpoint holds {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[0]}")
+        raise BadInput(f"the checkpoint holds {len(unexpected)} tensor(s) the model does not have, "
+                       f"e.g. {unexpected[0]}")
     if missing:
         raise BadInput(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
 

@@ -24,7 +24,8 @@ def v1_tensors(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
 
 
 def gptq_from_lwq(t: Mapping[str, torch.Tensor], bits: int, out_features: int,
-                  shape: tuple[int, int] | None = None, group_size: int = -1, v2: bool = False) -> dict[str, torch.Tensor]:
+                  shape: tuple[int, int] | None = None, group_size: int = -1,
+                  v2: bool = False) -> dict[str, torch.Tensor]:
     """Convert lwq's GPTQ-layout tensors (zero points stored as they are) to GPTQ v1. GPTQ readers
     need ``g_idx`` and ``qzeros``: ones lwq did not store (no act-order; symmetric) are written out."""
     from lwq.kernels.pack import group_index

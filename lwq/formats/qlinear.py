@@ -128,7 +128,8 @@ _EMPTY: dict[str, Callable[[LayerSpec, tuple[int, int]], Tensors]] = {"gptq": _g
 def _zero_weight(spec: LayerSpec, out_f: int, in_f: int) -> QuantizedWeight:
     g = num_groups(in_f, spec.group_size)
     return QuantizedWeight(
-        spec, torch.zeros(out_f, in_f, dtype=torch.int32), torch.ones(out_f, g), torch.zeros(out_f, g, dtype=torch.int32),
+        spec, torch.zeros(out_f, in_f, dtype=torch.int32), torch.ones(out_f, g),
+        torch.zeros(out_f, g, dtype=torch.int32),
         group_index(in_f, spec.group_size), extra={"weight": torch.zeros(out_f, in_f, dtype=torch.float16)},
         meta={"shape": (out_f, in_f)},
     )

@@ -3,7 +3,8 @@
 ``load_lazy`` builds the model from its config on ``meta`` (no memory), then materialises only the
 modules outside the block list (embeddings, rotary tables, final norm, head) from the safetensors
 files. ``LazyBlocks.acquire(model, i, device)`` reads block ``i``'s tensors straight onto the device
-and ``release`` sends the block back to ``meta`` (and returns the freed pages to the OS), so resident memory is about one block plus the
+and ``release`` sends the block back to ``meta`` (and returns the freed pages to the OS), so resident memory is
+about one block plus the
 embeddings and the activations, whatever the depth. Non-persistent buffers (rotary ``inv_freq``)
 are recomputed with the model's own ``_init_weights``, as transformers does when it loads on meta.
 """

@@ -16,7 +16,8 @@ from torch import nn
 from lwq.backends import QuantizedWeight, get_backend, needs_hessian, quantize_weight
 from lwq.pipeline.refine import OnStep, RefineConfig, RefineReport, refine_block
 from lwq.calib.stats import InputAccumulator
-from lwq.models.blocks import BlockInputs, BlockLoader, ResidentBlocks, block_outputs, capture_block_inputs, move_outside_blocks, run_block
+from lwq.models.blocks import (BlockInputs, BlockLoader, ResidentBlocks, block_outputs, capture_block_inputs,
+                               move_outside_blocks, run_block)
 from lwq.errors import BadInput
 from lwq.formats.layouts import get_layout
 from lwq.formats.qlinear import QuantizedLinear, quantized_from_linear, replace_linear
@@ -26,7 +27,8 @@ from lwq.spec import LayerSpec
 Plan = dict[str, LayerSpec]
 BATCH_SIZE = 8  # calibration windows per forward pass
 OnBlock = Callable[[int, dict[str, QuantizedWeight], "BlockInputs | None"], None]
-PreQuantize = Callable[[str, torch.Tensor, "torch.Tensor | None", LayerSpec], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+PreQuantize = Callable[[str, torch.Tensor, "torch.Tensor | None", LayerSpec],
+                       "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
 def needs_data(spec: LayerSpec) -> bool:
@@ -70,7 +72,8 @@ def validate_plan(model: nn.Module, plan: Plan) -> None:
     known = {f"{arch.blocks}.{i}.{lin}" for i in range(len(get_blocks(model, arch))) for lin in arch.linears}
     unknown = sorted(set(plan) - known)
     if unknown:
-        raise BadInput(f"plan names {len(unknown)} layer(s) that are not block linears of this model, e.g. {unknown[0]!r}")
+        raise BadInput(f"plan names {len(unknown)} layer(s) that are not block linears of this model, "
+                       f"e.g. {unknown[0]!r}")
     for spec in plan.values():
         if spec.bits < 16:
             get_backend(spec.backend)
@@ -93,7 +96,8 @@ def quantize_model(
     without calibration); to resume, pass ``start_block=i + 1`` and ``inputs=next_inputs``.
     ``loader`` says where blocks come from (default: resident, moved to ``device`` for their turn;
     ``lwq.models.lazy.LazyBlocks`` reads each from disk and drops it after). ``collect=False`` returns
-    an empty dict instead of keeping every quantized weight (memory that would grow with depth). ``pre_quantize(name, W, act_absmax, spec)``
+    an empty dict instead of keeping every quantized weight (memory that would grow with depth).
+    ``pre_quantize(name, W, act_absmax, spec)``
     may transform the weight of an int8-activation layer and add tensors (SmoothQuant-style); by
     default the storage layout's own ``pre_quantize`` method is used when it has one.
 
@@ -109,7 +113,8 @@ def quantize_model(
     if not 0 <= start_block <= len(blocks):
         raise BadInput(f"start block must be in 0..{len(blocks)}, got {start_block}")
     refining = refine is not None and refine.steps > 0
-    with_data = refining or plan_needs_data({n: s for n, s in plan.items() if (block_index(n, arch.blocks) or 0) >= start_block})
+    with_data = refining or plan_needs_data(
+        {n: s for n, s in plan.items() if (block_index(n, arch.blocks) or 0) >= start_block})
     home = next(model.parameters()).device
     loader = loader or ResidentBlocks(str(home))
     if with_data and inputs is None:

@@ -2,7 +2,8 @@
 
 Steps: score layer importance (lim, measured sensitivity), quantize uniformly to 4, 3 and 2 bits
 with GPTQ, quantize to 3.25 and 2.5 real bits per weight with the default plan (dp over measured
-per-candidate errors, measured once and reused), evaluate every checkpoint on held-out text, and write a report (PNGs + markdown).
+per-candidate errors, measured once and reused), evaluate every checkpoint on held-out text, and write a
+report (PNGs + markdown).
 Everything is built in a hidden sibling of the output folder and renamed into place at the end
 (``lwq.fileio``): an earlier demo output (its marker lists exactly its entries) is replaced then, an
 empty folder too; any other existing folder is refused, ``--force`` or not.

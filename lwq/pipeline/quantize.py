@@ -62,8 +62,8 @@ def quantize_to_checkpoint(
     from lwq.models.lazy import lazy_or_whole
     from lwq.models.load import is_lwq_checkpoint, looks_local, resolve_device, resolve_dtype
     from lwq.pipeline.blockwise import plan_needs_data, quantize_model
-    from lwq.pipeline.workdir import (WorkFolder, deterministic, fingerprint, model_identity, plan_digest, resume_inputs,
-                            stream_state, tensor_digest)
+    from lwq.pipeline.workdir import (WorkFolder, deterministic, fingerprint, model_identity, plan_digest,
+                                      resume_inputs, stream_state, tensor_digest)
 
     check_output(out, "checkpoint", force, inputs=[model_name] if looks_local(model_name) else [])
     if looks_local(model_name) and is_lwq_checkpoint(model_name):

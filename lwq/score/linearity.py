@@ -140,7 +140,8 @@ def linearity_errors(model: nn.Module, samples: torch.Tensor | None, layers: lis
                        "this run: use another --error-db file")
     entries = {n: dict(e) for n, e in (db.entries if db is not None else {}).items()}
     coeffs = dict(meta.get("coefficients") or {})
-    specs = {lc.name: [c.spec for c in lc.candidates if c.spec.bits < 16 and spec_key(c.spec) not in entries.get(lc.name, {})]
+    specs = {lc.name: [c.spec for c in lc.candidates
+                       if c.spec.bits < 16 and spec_key(c.spec) not in entries.get(lc.name, {})]
              for lc in layers}
     specs = {n: ss for n, ss in specs.items() if ss}
     if specs:

@@ -47,7 +47,8 @@ class ModelSource:
     max_memory: int | None = None  # see ``lwq.models.placement.place``
 
 
-def make_tasks(todo: Mapping[LayerSpec, Sequence[str]], block_of: Callable[[str], int], nblocks: int) -> list[MeasureTask]:
+def make_tasks(todo: Mapping[LayerSpec, Sequence[str]], block_of: Callable[[str], int],
+               nblocks: int) -> list[MeasureTask]:
     """Tasks of one spec and one block's linears, most expensive (earliest block, most linears) first."""
     tasks = []
     for spec, names in todo.items():
@@ -182,7 +183,8 @@ def run_parallel(source: ModelSource, devices: Sequence[str], make_runner: Calla
                         msg = results.get(timeout=POLL_SECONDS)
                     except queue.Empty:
                         where = ", ".join(f"{d} (exit {c})" for d, c in dead) or "every worker"
-                        raise LwqError(f"measuring worker died on {where} with {len(tasks) - done} task(s) left") from None
+                        raise LwqError(f"measuring worker died on {where} "
+                                       f"with {len(tasks) - done} task(s) left") from None
                 else:
                     continue
             if msg[0] == "error":
