@@ -4,7 +4,8 @@ transformers keeps its quantizers in a registry (``transformers.quantizers.auto`
 to import. ``import lwq`` must stay fast, so ``arrange_registration`` registers lwq's quantizer
 (``lwq.formats.hf_quantizer``) at once only when that registry is already imported; otherwise it adds
 a one-shot finder to ``sys.meta_path`` that lets the registry module load as usual, registers right
-after it has run, and removes itself. No state is kept besides transformers' own registry.
+after it has run, and removes itself. That finder (until transformers' registry is imported) and the
+entry in transformers' registry are the only state; ``import lwq`` does nothing else.
 """
 from __future__ import annotations
 
