@@ -5,7 +5,8 @@ from typing import Any, Optional
 
 import typer
 
-from lwq.commands.common import (emit, DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, check_seed, refuse_checkpoint, resolve_seqlen)
+from lwq.commands.common import (DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, check_seed, emit, refuse_checkpoint,
+                                 resolve_seqlen)
 from lwq.ui import out_console, progress
 
 

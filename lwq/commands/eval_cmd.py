@@ -5,8 +5,8 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import typer
 
-from lwq.commands.common import (emit, DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit_json, parse_percent,
-                                 parse_size, resolve_seqlen)
+from lwq.commands.common import (DEVICE_OPT, DTYPE_OPT, JSON_OPT, QUIET_OPT, TRUST_OPT, emit, emit_json,
+                                 parse_percent, parse_size, resolve_seqlen)
 from lwq.errors import BadInput, GateFailed
 from lwq.ui import err_console, out_console, progress
 

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from lwq.commands.common import (emit, DEVICE_OPT, DEVICES_OPT, DTYPE_OPT, JSON_OPT, MAX_MEMORY_OPT, QUIET_OPT, TRUST_OPT,
-                                 check_seed, fmt_bytes, parse_size)
+from lwq.commands.common import (DEVICES_OPT, DEVICE_OPT, DTYPE_OPT, JSON_OPT, MAX_MEMORY_OPT, QUIET_OPT, TRUST_OPT,
+                                 check_seed, emit, fmt_bytes, parse_size)
 from lwq.commands.options import PlanFlags, with_plan_flags
 from lwq.errors import BadInput, LwqError
 from lwq.ui import out_console, progress
