@@ -14,11 +14,11 @@ from safetensors import safe_open
 
 from helpers import run_killed_after_block, save_tiny, tiny_model, word_text
 from lwq.backends import quantize_weight
-from lwq.pipeline.refine import RefineConfig, TunedLinear, refine_block
+from lwq.pipeline.refine import NormSteps, RefineConfig, TunedLinear, refine_block
 from lwq.errors import BadInput
 from lwq.formats.qlinear import QuantizedLinear, quantized_from_linear, replace_linear
 from lwq.models.arch import arch_for, get_blocks, linear_weight
-from lwq.models.blocks import block_outputs, capture_block_inputs, run_block
+from lwq.models.blocks import block_norms, block_outputs, capture_block_inputs, run_block
 from lwq.pipeline.blockwise import quantize_model
 from lwq.pipeline.workdir import work_dir
 from lwq.spec import make_spec
@@ -137,6 +137,65 @@ def test_refinement_never_ends_worse_than_it_starts(seed):
         assert all(tuned[lin] is layers[lin][0] for lin in layers)
 
 
+def test_block_norms_are_the_normalization_weights():
+    _, block, _, _ = _block_setup()
+    assert [id(w) for w in block_norms(block)] == [id(block.input_layernorm.weight),
+                                                   id(block.post_attention_layernorm.weight)]
+
+
+def _tuned_norms(seed: int, cfg: RefineConfig, on_step=None):
+    _, block, inputs, targets = _block_setup(seed)
+    layers = _quantize_linears(block, MIXED)
+    norms = block_norms(block)
+    before = [w.detach().clone() for w in norms]
+    tuned, report = refine_block(block, layers, inputs.hidden, inputs.kwargs, targets, cfg, torch.device("cpu"),
+                                 seed=seed, on_step=on_step, norms=norms)
+    return block, inputs, targets, layers, tuned, report, before, norms
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tuned_norms_stay_in_place_and_lower_the_error_more(seed):
+    block, inputs, targets, layers, tuned, report, before, norms = _tuned_norms(seed, RefineConfig(steps=40))
+    assert report.kept and report.norms == 2
+    assert all(not torch.equal(a, w) for a, w in zip(before, norms))  # tuned norms left in the block
+    assert all(w.requires_grad for w in norms)  # trainable again, as they came
+    _install(block, tuned, layers)
+    with_norms = _loss(block, inputs, targets)
+    assert with_norms == pytest.approx(report.final_loss, rel=1e-3)  # the best step's norms, not the last's
+    *_, plain, _, _ = _tuned_norms(seed, RefineConfig(steps=40, norms=False))
+    assert plain.norms == 0 and with_norms < plain.final_loss
+
+
+def test_norms_come_back_unchanged_when_tuning_loses_or_is_interrupted():
+    *_, report, before, norms = _tuned_norms(0, RefineConfig(steps=6, lr=5.0))
+    assert not report.kept and all(torch.equal(a, w) for a, w in zip(before, norms))
+
+    def stop(step, _steps, _loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    _, block, inputs, targets = _block_setup(0)
+    layers = _quantize_linears(block, MIXED)
+    norms = block_norms(block)
+    before = [w.detach().clone() for w in norms]
+    with pytest.raises(KeyboardInterrupt):
+        refine_block(block, layers, inputs.hidden, inputs.kwargs, targets, RefineConfig(steps=20),
+                     torch.device("cpu"), on_step=stop, norms=norms)
+    assert all(torch.equal(a, w) for a, w in zip(before, norms))
+
+
+def test_norm_steps_keep_small_steps_of_half_precision_weights_and_follow_the_offset():
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    steps = NormSteps([w], 0.0)
+    for _ in range(10):
+        steps.step((torch.ones(4),), 1e-3)  # each step is below bf16's resolution at 1.0
+    assert torch.allclose(steps.masters[0], torch.full((4,), 0.99)) and float(w[0]) < 1.0
+    g = torch.nn.Parameter(torch.zeros(3))  # Gemma: the multiplier is 1 + weight
+    NormSteps([g], 1.0).step((torch.tensor([1.0, -1.0, 0.0]),), 0.1)
+    assert torch.allclose(g.detach(), torch.tensor([-0.1, 0.1, 0.0]))
+    assert torch.equal(NormSteps([torch.nn.Parameter(torch.zeros(3))], 0.0).size[0], torch.zeros(3))
+
+
 def test_refinement_is_deterministic_and_seeded():
     results = []
     for seed in (5, 5, 6):
@@ -226,7 +285,8 @@ def test_cli_refine_zero_steps_matches_none_and_refined_run_is_reproducible(tiny
               "--seqlen", "32", "--json", "-q"]
     runs = {}
     for name, extra in (("none", ["--refine", "none"]), ("zero", ["--refine", "block", "--refine-steps", "0"]),
-                        ("a", ["--refine-steps", "10"]), ("b", ["--refine", "block", "--refine-steps", "10"])):
+                        ("a", ["--refine-steps", "10"]), ("b", ["--refine", "block", "--refine-steps", "10"]),
+                        ("fixed", ["--refine-steps", "10", "--no-refine-norms"])):
         r = _lwq("quantize", str(model), "-o", str(tmp_path / name), *common, *extra)
         assert r.returncode == 0, r.stderr
         runs[name] = json.loads(r.stdout)
@@ -235,6 +295,21 @@ def test_cli_refine_zero_steps_matches_none_and_refined_run_is_reproducible(tiny
     assert _files(tmp_path / "a") != _files(tmp_path / "none")
     assert runs["a"]["refine"] == "block" and runs["a"]["refine_steps"] == 10 and runs["a"]["grid"] == "minmax"
     assert runs["none"]["refine"] == "none"
+    assert runs["a"]["refine_norms"] is True and runs["fixed"]["refine_norms"] is False
+    assert runs["none"]["refine_norms"] is False
+    norms = {name: _norm_tensors(tmp_path / name) for name in ("none", "a", "fixed")}
+    assert norms["fixed"] == norms["none"]  # --no-refine-norms: the source's norms, byte for byte
+    assert norms["a"] != norms["none"]  # tuned by default
+    assert _files(tmp_path / "fixed") != _files(tmp_path / "none")  # the rounding is still tuned
+
+
+def _norm_tensors(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            out.update({k: st.get_tensor(k).numpy().tobytes() for k in st.keys() if "norm" in k})
+    assert out
+    return out
 
 
 def test_cli_refined_resume_is_byte_identical(tiny_dir, tmp_path):

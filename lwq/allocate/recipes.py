@@ -41,7 +41,8 @@ class Recipe:
     ``measure_with``: how the measured estimate quantizes each trial: ``backend`` (the candidate's
     backend and storage format, GPTQ on the layer's full-precision-input Hessian) or ``rtn``
     (round-to-nearest for all: faster, a rougher proxy for GPTQ); ``refine``: ``block`` tunes each
-    quantized block against the full-precision outputs (``refine_steps`` steps) or ``none``;
+    quantized block against the full-precision outputs (``refine_steps`` steps; with
+    ``refine_norms``, the block's normalization weights too) or ``none``;
     ``grid``: ``minmax`` or ``mse`` (clipping search) for the rtn and gptq backends; ``target``: a
     serving engine (``lwq.formats.targets``): only candidates it serves are offered (symmetric where
     it takes no zero points, whole groups, its widths) and, when it fuses shards, they are tied."""
@@ -61,6 +62,7 @@ class Recipe:
     measure_with: str = "backend"
     refine: str = "block"
     refine_steps: int = 200
+    refine_norms: bool = True
     grid: str = "minmax"
     target: str | None = None
     description: str = ""
@@ -108,6 +110,7 @@ def _check(r: Recipe) -> None:
     want("refine", r.refine in REFINE_MODES, f"one of {', '.join(REFINE_MODES)}")
     want("refine_steps", isinstance(r.refine_steps, int) and not isinstance(r.refine_steps, bool)
          and r.refine_steps >= 0, "a whole number >= 0")
+    want("refine_norms", isinstance(r.refine_norms, bool), "true or false")
     want("grid", r.grid in GRIDS, f"one of {', '.join(GRIDS)}")
     tiers = [n for n, s in SOLVERS.items() if s.ties]
     if r.tie != "none" and not SOLVERS.get(r.solver).ties:

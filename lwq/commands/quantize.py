@@ -58,6 +58,7 @@ def quantize_command(
     refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Refinement: signed-gradient steps per block (default 200; 0 = none)."),
     refine_lr: Optional[float] = typer.Option(None, "--refine-lr", help="Refinement: first step size (default 1/steps, decaying linearly to 0)."),
     refine_batch: int = typer.Option(8, "--refine-batch", help="Refinement: calibration windows per step (default 8)."),
+    refine_norms: Optional[bool] = typer.Option(None, "--refine-norms/--no-refine-norms", help="Refinement: tune each block's normalization weights with its rounding and grids (default on; free in bytes)."),
     grid: Optional[str] = typer.Option(None, "--grid", help="Per-group grid of the rtn and gptq backends: minmax (default) or mse (clipping search; rtn -> rtn-mse, gptq -> gptq-mse)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling calibration windows (same seed and inputs: byte-identical output)."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files."),
@@ -89,8 +90,9 @@ def quantize_command(
     if refine is not None:
         refine = parse_refine(refine)
     if bits is None:
-        recipe = flags.recipe(backend, group_size, sym, act_bits, refine=refine, refine_steps=refine_steps, grid=grid)
-        cfg = refine_config(recipe.refine, recipe.refine_steps, refine_lr, refine_batch)
+        recipe = flags.recipe(backend, group_size, sym, act_bits, refine=refine, refine_steps=refine_steps,
+                              refine_norms=refine_norms, grid=grid)
+        cfg = refine_config(recipe.refine, recipe.refine_steps, refine_lr, refine_batch, recipe.refine_norms)
         if recipe.budget is None and plan_file is None:
             raise BadInput("nothing to do: pass --bits B, --budget (e.g. 3.25bit), --plan plan.json or a --config recipe")
         with progress(quiet or json_out) as prog:
@@ -109,7 +111,8 @@ def quantize_command(
                         act_order)
     data, nsamples, seqlen = flags.data, flags.nsamples or 128, flags.seqlen or 2048
     mode = refine or ("block" if data is not None and spec.format in REFINABLE_FORMATS else "none")
-    cfg = refine_config(mode, 200 if refine_steps is None else refine_steps, refine_lr, refine_batch)
+    cfg = refine_config(mode, 200 if refine_steps is None else refine_steps, refine_lr, refine_batch,
+                        True if refine_norms is None else refine_norms)
     if cfg is not None and spec.format not in REFINABLE_FORMATS:
         raise BadInput(f"--refine block tunes integer grids (gptq, int6, w4a8 formats), not {spec.format}; "
                        "pass --refine none")
@@ -161,11 +164,11 @@ def refine_bar(prog: Any) -> Any:
     return update
 
 
-def refine_config(mode: str, steps: int, lr: float | None, batch: int) -> RefineConfig | None:
+def refine_config(mode: str, steps: int, lr: float | None, batch: int, norms: bool = True) -> RefineConfig | None:
     """The refinement settings of a run (None for ``--refine none`` or 0 steps); bad values are BadInput."""
     from lwq.pipeline.refine import RefineConfig
 
-    cfg = RefineConfig(steps, lr, batch)
+    cfg = RefineConfig(steps, lr, batch, norms)
     return cfg if mode == "block" and steps > 0 else None
 
 

@@ -30,6 +30,8 @@ class ArchSpec:
     names inside a block; a group's members see the same input (so share a Hessian) and are fused
     shards in serving engines (q/k/v, gate/up). ``norm``: the final norm (empty when none).
     ``why_generic``: for the generic fallback, why the table row of the model type did not fit.
+    ``norm_offset``: what a normalization layer adds to its weight before scaling (Gemma's
+    ``1 + weight``: 1.0), so refinement steps its norms in proportion to the real multiplier.
     """
 
     name: str
@@ -37,6 +39,7 @@ class ArchSpec:
     groups: tuple[tuple[str, ...], ...]
     norm: str = "model.norm"
     why_generic: str = ""
+    norm_offset: float = 0.0
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -55,8 +58,8 @@ ARCH_TABLE: dict[str, ArchSpec] = {
     "mistral": ArchSpec("mistral", "model.layers", _LLAMA_GROUPS),
     "qwen2": ArchSpec("qwen2", "model.layers", _LLAMA_GROUPS),
     "qwen3": ArchSpec("qwen3", "model.layers", _LLAMA_GROUPS),
-    "gemma": ArchSpec("gemma", "model.layers", _LLAMA_GROUPS),
-    "gemma2": ArchSpec("gemma2", "model.layers", _LLAMA_GROUPS),
+    "gemma": ArchSpec("gemma", "model.layers", _LLAMA_GROUPS, norm_offset=1.0),
+    "gemma2": ArchSpec("gemma2", "model.layers", _LLAMA_GROUPS, norm_offset=1.0),
     "phi3": ArchSpec(
         "phi3", "model.layers",
         (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),

@@ -123,6 +123,13 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def block_norms(block: nn.Module) -> list[nn.Parameter]:
+    """The weights of ``block``'s normalization layers (modules whose class name ends in ``Norm``:
+    RMSNorm, LayerNorm, Qwen3's per-head q/k norms), in module order; layers without a weight are skipped."""
+    return [m.weight for m in block.modules()
+            if type(m).__name__.endswith("Norm") and isinstance(getattr(m, "weight", None), nn.Parameter)]
+
+
 @torch.no_grad()
 def block_outputs(block: nn.Module, inputs: BlockInputs, device: torch.device | str) -> list[torch.Tensor]:
     """Outputs of ``block`` for every batch in ``inputs``, stored where the inputs are."""

@@ -16,8 +16,8 @@ from torch import nn
 from lwq.backends import QuantizedWeight, get_backend, needs_hessian, quantize_weight
 from lwq.pipeline.refine import OnStep, RefineConfig, RefineReport, refine_block
 from lwq.calib.stats import InputAccumulator
-from lwq.models.blocks import (BlockInputs, BlockLoader, ResidentBlocks, block_outputs, capture_block_inputs,
-                               move_outside_blocks, run_block)
+from lwq.models.blocks import (BlockInputs, BlockLoader, ResidentBlocks, block_norms, block_outputs,
+                               capture_block_inputs, move_outside_blocks, run_block)
 from lwq.errors import BadInput
 from lwq.formats.layouts import get_layout
 from lwq.formats.qlinear import QuantizedLinear, quantized_from_linear, replace_linear
@@ -138,7 +138,7 @@ def quantize_model(
                                      device, pre_quantize, sources)
             if sources is not None and refine is not None and inputs is not None:  # sources: set when refining
                 layers, report = _refine(block, f"{arch.blocks}.{i}", layers, sources, inputs, targets, refine,
-                                         device, seed + i, on_refine)
+                                         device, seed + i, on_refine, arch.norm_offset)
                 if reports is not None:
                     reports.append(report)
             if with_data and inputs is not None:
@@ -189,11 +189,12 @@ def _quantize_block(block: nn.Module, prefix: str, groups: tuple[tuple[str, ...]
 def _refine(block: nn.Module, prefix: str, layers: dict[str, QuantizedWeight], sources: dict[str, torch.Tensor],
             inputs: BlockInputs,
             targets: list[torch.Tensor], cfg: RefineConfig, device: torch.device, seed: int,
-            on_step: OnStep | None) -> tuple[dict[str, QuantizedWeight], RefineReport]:
-    """Tune the block's quantized linears (``refine_block``) and put the tuned ones in place."""
+            on_step: OnStep | None, norm_offset: float = 0.0) -> tuple[dict[str, QuantizedWeight], RefineReport]:
+    """Tune the block's quantized linears and its norms (``refine_block``) and put the tuned ones in place."""
     rel = {name[len(prefix) + 1:]: name for name in layers}
     given = {lin: (layers[name], block.get_submodule(lin).bias, sources.get(name)) for lin, name in rel.items()}
-    tuned, report = refine_block(block, given, inputs.hidden, inputs.kwargs, targets, cfg, device, seed, on_step)
+    tuned, report = refine_block(block, given, inputs.hidden, inputs.kwargs, targets, cfg, device, seed, on_step,
+                                 block_norms(block), norm_offset)
     out: dict[str, QuantizedWeight] = {}
     for lin, name in rel.items():
         qw = tuned[lin]

