@@ -172,7 +172,7 @@ def test_full_disk_keeps_the_previous_output(corpus, tmp_path, monkeypatch, caps
     monkeypatch.setattr(ckpt, "write_safetensors", real)
     import lwq.pipeline.blockwise
 
-    monkeypatch.setattr(lwq.pipeline.blockwise, "_quantize_block", None)  # nothing is left to quantize
+    monkeypatch.setattr(lwq.pipeline.blockwise, "quantize_block", None)  # nothing is left to quantize
     assert run([*argv, "--force", "--resume", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from_block"] == 2
     assert json.loads((out / "config.json").read_text())["quantization_config"]["default"]["bits"] == 4

@@ -30,7 +30,7 @@ from lwq.spec import GRIDS, REFINE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 RECIPE_VERSION = 1
 RUNTIME_ONLY = ("evaluate", "start", "tie_groups")  # solver options only code can pass
-MEASURE_WITH = ("backend", "rtn")
+MEASURE_WITH = ("backend", "rtn", "refined")
 
 
 @dataclass(frozen=True)

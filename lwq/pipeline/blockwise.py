@@ -134,11 +134,11 @@ def quantize_model(
                 reference = inputs.reference if inputs.reference is not None else inputs.hidden
                 targets = block_outputs(block, inputs.with_hidden(reference), device)
             sources: dict[str, torch.Tensor] | None = {} if targets is not None else None
-            layers = _quantize_block(block, f"{arch.blocks}.{i}", arch.groups, plan, inputs if with_data else None,
+            layers = quantize_block(block, f"{arch.blocks}.{i}", arch.groups, plan, inputs if with_data else None,
                                      device, pre_quantize, sources)
             if sources is not None and refine is not None and inputs is not None:  # sources: set when refining
-                layers, report = _refine(block, f"{arch.blocks}.{i}", layers, sources, inputs, targets, refine,
-                                         device, seed + i, on_refine, arch.norm_offset)
+                layers, report = refine_quantized_block(block, f"{arch.blocks}.{i}", layers, sources, inputs, targets,
+                                                        refine, device, seed + i, on_refine, arch.norm_offset)
                 if reports is not None:
                     reports.append(report)
             if with_data and inputs is not None:
@@ -154,9 +154,9 @@ def quantize_model(
     return done
 
 
-def _quantize_block(block: nn.Module, prefix: str, groups: tuple[tuple[str, ...], ...], plan: Plan,
-                    inputs: BlockInputs | None, device: torch.device, pre_quantize: PreQuantize | None,
-                    sources: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedWeight]:
+def quantize_block(block: nn.Module, prefix: str, groups: tuple[tuple[str, ...], ...], plan: Plan,
+                   inputs: BlockInputs | None, device: torch.device, pre_quantize: PreQuantize | None,
+                   sources: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedWeight]:
     """Quantize the planned linears of one block (already on ``device``), group by group; ``sources``
     (when given) receives the weight each backend was given (after smoothing), for refinement."""
     out: dict[str, QuantizedWeight] = {}
@@ -186,10 +186,10 @@ def _quantize_block(block: nn.Module, prefix: str, groups: tuple[tuple[str, ...]
     return out
 
 
-def _refine(block: nn.Module, prefix: str, layers: dict[str, QuantizedWeight], sources: dict[str, torch.Tensor],
-            inputs: BlockInputs,
-            targets: list[torch.Tensor], cfg: RefineConfig, device: torch.device, seed: int,
-            on_step: OnStep | None, norm_offset: float = 0.0) -> tuple[dict[str, QuantizedWeight], RefineReport]:
+def refine_quantized_block(block: nn.Module, prefix: str, layers: dict[str, QuantizedWeight],
+                           sources: dict[str, torch.Tensor], inputs: BlockInputs, targets: list[torch.Tensor],
+                           cfg: RefineConfig, device: torch.device, seed: int, on_step: OnStep | None,
+                           norm_offset: float = 0.0) -> tuple[dict[str, QuantizedWeight], RefineReport]:
     """Tune the block's quantized linears and its norms (``refine_block``) and put the tuned ones in place."""
     rel = {name[len(prefix) + 1:]: name for name in layers}
     given = {lin: (layers[name], block.get_submodule(lin).bias, sources.get(name)) for lin, name in rel.items()}

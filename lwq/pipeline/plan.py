@@ -193,10 +193,16 @@ def plan_model(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, s
     if not any(isinstance(m, LINEAR_TYPES) for m in model.modules()):
         raise BadInput("the model has no linear layers to plan")
     layers, db = error_table(model, samples, recipe, stats, on_step, db, measure, placement)
+    extra: dict[str, Any] = {}
+    if recipe.measure_with == "refined":
+        from lwq.pipeline.refined_trials import refined_errors
+
+        layers, ratios = refined_errors(model, samples, layers, recipe, seed, placement, on_step)
+        extra["refinement_ratios"] = {f"{i}:{bits}": r for (i, bits), r in sorted(ratios.items())}
     shapes = model_shapes(model)
     alloc = allocate(layers, recipe.budget, rest_bytes(model, shapes), recipe.solver,
                      **solver_options(model, recipe, samples, seed, placement))
     info = {k: v for k, v in alloc.info.items() if k != "history"}
     plan = plan_from_allocation(layers, alloc, recipe.budget, recipe.scorer,
-                                meta={"recipe": recipe.to_dict(), "solver_info": info, **dict(meta or {})})
+                                meta={"recipe": recipe.to_dict(), "solver_info": info, **extra, **dict(meta or {})})
     return plan, db

@@ -183,8 +183,9 @@ def estimate(_scorer: Any, inputs: Any) -> tuple[list[Any], Any]:
     """The ``linearity`` scorer's planning estimate (``lwq.score.base.Scorer.estimate``); several
     devices (``lwq.score.workers.ParallelMeasure``) share the trials."""
     from lwq.models.placement import where
+    from lwq.score.trials import layer_trials
     from lwq.score.workers import ParallelMeasure
 
     parallel = inputs.measure if isinstance(inputs.measure, ParallelMeasure) else None
     return linearity_errors(inputs.model, inputs.samples, inputs.layers, inputs.db, inputs.on_step,
-                            inputs.placement or where(inputs.model), inputs.recipe.measure_with, parallel)
+                            inputs.placement or where(inputs.model), layer_trials(inputs.recipe.measure_with), parallel)

@@ -103,5 +103,7 @@ class KlEvaluator:
 
 def estimate(_scorer: Any, inputs: Any) -> tuple[list[Any], Any]:
     """The ``sensitivity`` scorer's planning estimate (``lwq.score.base.Scorer.estimate``)."""
+    from lwq.score.trials import layer_trials
+
     return measured_errors(inputs.model, inputs.samples, inputs.layers, inputs.db, inputs.on_step, inputs.measure,
-                           inputs.placement, inputs.recipe.measure_with)
+                           inputs.placement, layer_trials(inputs.recipe.measure_with))

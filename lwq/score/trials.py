@@ -10,6 +10,12 @@ from lwq.formats.layouts import get_layout
 from lwq.spec import LayerSpec
 
 
+def layer_trials(measure_with: str) -> str:
+    """How one layer's trial quantizes under ``--measure-with``: ``backend`` or ``rtn``; ``refined``
+    measures backend trials, then scales them by the refinement ratios of ``lwq.pipeline.refined_trials``."""
+    return "backend" if measure_with == "refined" else measure_with
+
+
 def backend_quantizer(spec: LayerSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """What a trial of ``spec`` quantizes with when estimates follow the backend: the spec's backend
     (GPTQ on the layer's full-precision-input Hessian; RTN, bitsandbytes, ...) then its storage
