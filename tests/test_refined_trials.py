@@ -80,8 +80,19 @@ def test_cli_plans_with_refined_trials(tmp_path, capsys):
     ratios = plan["meta"]["refinement_ratios"]
     assert sorted(ratios) == [f"{i}:{b}" for i in range(2) for b in (2, 3, 4)]
     assert plan["meta"]["recipe"]["measure_with"] == "refined"
-    # the database keeps backend trials, so a backend plan reuses it
-    assert json.loads((tmp_path / "db.json").read_text())["meta"]["trials"] == "backend"
+    # the database keeps backend trials, so a backend plan reuses it, and the ratios beside them
+    db = json.loads((tmp_path / "db.json").read_text())
+    assert db["meta"]["trials"] == "backend" and db["meta"]["refinement"]["ratios"] == ratios
+    assert db["meta"]["refinement"]["steps"] == 25 and db["meta"]["refinement"]["norms"] is True
+    db["meta"]["refinement"]["ratios"] = {k: 0.5 for k in ratios}  # reuse shows: these are not measured
+    (tmp_path / "db.json").write_text(json.dumps(db))
+    assert run([*base, "--measure-with", "refined", "-o", str(tmp_path / "r2.json"), "--error-db",
+                str(tmp_path / "db.json")]) == 0
+    assert set(json.loads((tmp_path / "r2.json").read_text())["meta"]["refinement_ratios"].values()) == {0.5}
+    (tmp_path / "long.yaml").write_text("refine_steps: 80\n")
+    assert run([*base, "--measure-with", "refined", "--config", str(tmp_path / "long.yaml"), "-o",
+                str(tmp_path / "r3.json"), "--error-db", str(tmp_path / "db.json")]) == 0  # other trials: measured
+    assert set(json.loads((tmp_path / "r3.json").read_text())["meta"]["refinement_ratios"].values()) != {0.5}
     assert run([*base, "-o", str(tmp_path / "b.json"), "--error-db", str(tmp_path / "db.json")]) == 0
     capsys.readouterr()
     assert run([*base, "--measure-with", "bogus", "-o", str(tmp_path / "x.json")]) == 2

@@ -197,8 +197,13 @@ def plan_model(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, s
     if recipe.measure_with == "refined":
         from lwq.pipeline.refined_trials import refined_errors
 
-        layers, ratios = refined_errors(model, samples, layers, recipe, seed, placement, on_step)
-        extra["refinement_ratios"] = {f"{i}:{bits}": r for (i, bits), r in sorted(ratios.items())}
+        from lwq.allocate.candidates import ErrorDB
+
+        cached = db.meta.get("refinement") if db is not None else None
+        layers, record = refined_errors(model, samples, layers, recipe, seed, placement, on_step, cached)
+        extra["refinement_ratios"] = record["ratios"]
+        if db is not None:  # kept with the database, so other budgets reuse the ratios too
+            db = ErrorDB(db.entries, {**db.meta, "refinement": record})
     shapes = model_shapes(model)
     alloc = allocate(layers, recipe.budget, rest_bytes(model, shapes), recipe.solver,
                      **solver_options(model, recipe, samples, seed, placement))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -92,12 +92,24 @@ def scale_errors(layers: Sequence[Any], ratios: Ratios, prefix: str) -> list[Any
 
 def refined_errors(model: nn.Module, samples: torch.Tensor | None, layers: Sequence[Any], recipe: Any,
                    seed: int = 0, placement: Placement | None = None,
-                   on_step: Callable[[int, int], None] | None = None) -> tuple[list[Any], Ratios]:
-    """``--measure-with refined``: the layers' backend-trial errors scaled by ``refinement_ratios``."""
+                   on_step: Callable[[int, int], None] | None = None,
+                   cached: Mapping[str, Any] | None = None) -> tuple[list[Any], dict[str, Any]]:
+    """``--measure-with refined``: the layers' backend-trial errors scaled by ``refinement_ratios``.
+    Returns the layers and the record of the ratios (``steps``, ``norms``, ``ratios`` as ``"block:bits"``),
+    which an error database keeps; ``cached`` (such a record) is reused when it was made with the same
+    trial settings and holds every block and width needed."""
     if recipe.refine != "block" or recipe.refine_steps == 0:
         raise BadInput("--measure-with refined plans for refined blocks: it needs --refine block and steps > 0")
-    if samples is None:
-        raise BadInput("--measure-with refined measures refinement: pass --data PATH")
     cfg = RefineConfig(recipe.refine_steps, norms=recipe.refine_norms)
-    ratios = refinement_ratios(model, samples, layers, cfg, seed, placement, on_step)
-    return scale_errors(layers, ratios, arch_for(model).blocks), ratios
+    trial, prefix = trial_config(cfg), arch_for(model).blocks
+    need = {f"{i}:{bits}" for i, widths in width_plans(layers, prefix).items() for bits in widths}
+    if (cached and cached.get("steps") == trial.steps and cached.get("norms") == trial.norms
+            and need <= set(cached.get("ratios", {}))):
+        ratios = {(int(k.split(":")[0]), int(k.split(":")[1])): float(v) for k, v in cached["ratios"].items()}
+    else:
+        if samples is None:
+            raise BadInput("--measure-with refined measures refinement: pass --data PATH")
+        ratios = refinement_ratios(model, samples, layers, cfg, seed, placement, on_step)
+    record = {"steps": trial.steps, "norms": trial.norms,
+              "ratios": {f"{i}:{bits}": r for (i, bits), r in sorted(ratios.items())}}
+    return scale_errors(layers, ratios, prefix), record
