@@ -20,7 +20,7 @@ from torch import nn
 
 from lwq.errors import BadInput
 from lwq.models.arch import arch_for, block_index, get_blocks
-from lwq.models.blocks import ResidentBlocks, block_outputs, capture_block_inputs
+from lwq.models.blocks import ResidentBlocks, block_outputs, capture_block_inputs, move_outside_blocks
 from lwq.models.placement import Placement, where
 from lwq.pipeline.blockwise import BATCH_SIZE, quantize_block, refine_quantized_block
 from lwq.pipeline.refine import REFINABLE_FORMATS, RefineConfig
@@ -57,7 +57,18 @@ def refinement_ratios(model: nn.Module, samples: torch.Tensor, layers: Sequence[
     arch = arch_for(model)
     plans = width_plans(layers, arch.blocks)
     at = placement or where(model)
-    loader = at.loader or ResidentBlocks(str(next(model.parameters()).device))
+    home = model.get_input_embeddings().weight.device  # blocks may be on the meta device (read lazily)
+    loader = at.loader or ResidentBlocks(str(home))
+    try:
+        return _ratios(model, samples, plans, cfg, seed, at, loader, on_step)
+    finally:
+        move_outside_blocks(model, arch, home)  # capturing moved the embeddings and head to the device
+
+
+def _ratios(model: nn.Module, samples: torch.Tensor, plans: dict[int, dict[int, dict[str, LayerSpec]]],
+            cfg: RefineConfig, seed: int, at: Placement, loader: Any,
+            on_step: Callable[[int, int], None] | None) -> Ratios:
+    arch = arch_for(model)
     inputs = capture_block_inputs(model, samples[:TRIAL_SAMPLES].split(BATCH_SIZE), at.device, arch)
     trial_cfg, ratios = trial_config(cfg), {}
     blocks = len(get_blocks(model))
