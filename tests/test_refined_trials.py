@@ -63,10 +63,12 @@ def test_scale_errors_multiplies_each_candidate_by_its_block_and_width():
 
 def test_refined_errors_need_refinement_and_data():
     model = tiny_model("llama")
+    with pytest.raises(BadInput, match="needs --refine block"):  # refused before anything is measured
+        Recipe(refine="none", measure_with="refined")
     with pytest.raises(BadInput, match="needs --refine block"):
-        refined_errors(model, IDS, _layers(model), Recipe(refine="none"))
+        Recipe(refine_steps=0, measure_with="refined")
     with pytest.raises(BadInput, match="pass --data"):
-        refined_errors(model, None, _layers(model), Recipe())
+        refined_errors(model, None, _layers(model), Recipe(measure_with="refined"))
 
 
 def test_cli_plans_with_refined_trials(tmp_path, capsys):

@@ -112,6 +112,8 @@ def _check(r: Recipe) -> None:
          and r.refine_steps >= 0, "a whole number >= 0")
     want("refine_norms", isinstance(r.refine_norms, bool), "true or false")
     want("grid", r.grid in GRIDS, f"one of {', '.join(GRIDS)}")
+    if r.measure_with == "refined" and (r.refine != "block" or r.refine_steps == 0):
+        raise BadInput("--measure-with refined plans for refined blocks: it needs --refine block and steps > 0")
     tiers = [n for n, s in SOLVERS.items() if s.ties]
     if r.tie != "none" and not SOLVERS.get(r.solver).ties:
         raise BadInput(f"recipe: tie {r.tie} needs solver {' or '.join(tiers)}, not {r.solver}")

@@ -135,7 +135,7 @@ def quantize_model(
                 targets = block_outputs(block, inputs.with_hidden(reference), device)
             sources: dict[str, torch.Tensor] | None = {} if targets is not None else None
             layers = quantize_block(block, f"{arch.blocks}.{i}", arch.groups, plan, inputs if with_data else None,
-                                     device, pre_quantize, sources)
+                                    device, pre_quantize, sources)
             if sources is not None and refine is not None and inputs is not None:  # sources: set when refining
                 layers, report = refine_quantized_block(block, f"{arch.blocks}.{i}", layers, sources, inputs, targets,
                                                         refine, device, seed + i, on_refine, arch.norm_offset)

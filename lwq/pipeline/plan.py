@@ -195,9 +195,8 @@ def plan_model(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, s
     layers, db = error_table(model, samples, recipe, stats, on_step, db, measure, placement)
     extra: dict[str, Any] = {}
     if recipe.measure_with == "refined":
-        from lwq.pipeline.refined_trials import refined_errors
-
         from lwq.allocate.candidates import ErrorDB
+        from lwq.pipeline.refined_trials import refined_errors
 
         cached = db.meta.get("refinement") if db is not None else None
         layers, record = refined_errors(model, samples, layers, recipe, seed, placement, on_step, cached)

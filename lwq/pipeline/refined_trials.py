@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lwq.errors import BadInput
-from lwq.models.arch import arch_for, block_index, get_blocks
+from lwq.models.arch import ArchSpec, arch_for, block_index, get_blocks
 from lwq.models.blocks import ResidentBlocks, block_outputs, capture_block_inputs, move_outside_blocks
 from lwq.models.placement import Placement, where
 from lwq.pipeline.blockwise import BATCH_SIZE, quantize_block, refine_quantized_block
@@ -60,15 +60,14 @@ def refinement_ratios(model: nn.Module, samples: torch.Tensor, layers: Sequence[
     home = model.get_input_embeddings().weight.device  # blocks may be on the meta device (read lazily)
     loader = at.loader or ResidentBlocks(str(home))
     try:
-        return _ratios(model, samples, plans, cfg, seed, at, loader, on_step)
+        return _ratios(model, arch, samples, plans, cfg, seed, at, loader, on_step)
     finally:
         move_outside_blocks(model, arch, home)  # capturing moved the embeddings and head to the device
 
 
-def _ratios(model: nn.Module, samples: torch.Tensor, plans: dict[int, dict[int, dict[str, LayerSpec]]],
-            cfg: RefineConfig, seed: int, at: Placement, loader: Any,
-            on_step: Callable[[int, int], None] | None) -> Ratios:
-    arch = arch_for(model)
+def _ratios(model: nn.Module, arch: ArchSpec, samples: torch.Tensor,
+            plans: dict[int, dict[int, dict[str, LayerSpec]]], cfg: RefineConfig, seed: int, at: Placement,
+            loader: Any, on_step: Callable[[int, int], None] | None) -> Ratios:
     inputs = capture_block_inputs(model, samples[:TRIAL_SAMPLES].split(BATCH_SIZE), at.device, arch)
     trial_cfg, ratios = trial_config(cfg), {}
     blocks = len(get_blocks(model))
@@ -109,8 +108,6 @@ def refined_errors(model: nn.Module, samples: torch.Tensor | None, layers: Seque
     Returns the layers and the record of the ratios (``steps``, ``norms``, ``ratios`` as ``"block:bits"``),
     which an error database keeps; ``cached`` (such a record) is reused when it was made with the same
     trial settings and holds every block and width needed."""
-    if recipe.refine != "block" or recipe.refine_steps == 0:
-        raise BadInput("--measure-with refined plans for refined blocks: it needs --refine block and steps > 0")
     cfg = RefineConfig(recipe.refine_steps, norms=recipe.refine_norms)
     trial, prefix = trial_config(cfg), arch_for(model).blocks
     need = {f"{i}:{bits}" for i, widths in width_plans(layers, prefix).items() for bits in widths}
