@@ -110,3 +110,18 @@ def test_error_db_bad_files(tmp_path):
         load_error_db(bad)
     with pytest.raises(BadInput, match="no such"):
         load_error_db(tmp_path / "missing.json")
+
+
+def test_both_grids_offer_each_width_with_and_without_zero_points():
+    layers = make_candidates(SHAPES, (2, 4), "gptq", 64, (False, True))
+    for lc in layers:
+        assert [(c.spec.bits, c.spec.sym) for c in lc.candidates] == [(2, False), (2, True), (4, False), (4, True)]
+        for asym, sym in zip(lc.candidates[::2], lc.candidates[1::2]):  # no zero points: fewer bytes
+            assert sym.cost_bytes < asym.cost_bytes
+            assert sym.cost_bytes == layer_bytes(*lc.shape, sym.spec)
+    one = make_candidates(SHAPES, (2, 4), "gptq", 64, True)
+    assert [c.spec for c in one[0].candidates] == [c.spec for c in layers[0].candidates[1::2]]
+    w4a8 = make_candidates(SHAPES, (4,), "gptq", 64, (False, True), act_bits=8)  # int8 activations force sym
+    assert [c.spec.sym for c in w4a8[0].candidates] == [True]
+    with pytest.raises(BadInput, match="grid"):
+        make_candidates(SHAPES, (4,), "gptq", 64, ())

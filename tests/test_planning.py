@@ -92,10 +92,14 @@ def test_measured_errors_fall_with_bits_on_docs8():
     samples = calibration_samples(load_tokenizer(str(path)), str(fixture_data("docs-calib.txt")), 4, 32)
     layers, db = error_table(model, samples, Recipe(bits=(2, 4, 8)))
     assert len(layers) == 56 and db.meta["nsamples"] == 4
-    for lc in layers:
-        errs = [c.error for c in sorted(lc.candidates, key=lambda c: c.spec.bits)]
-        assert all(a > b for a, b in zip(errs, errs[1:])), (lc.name, errs)
-        assert errs[-1] >= 0
+    for lc in layers:  # sym auto: each width is measured with and without zero points
+        assert sorted((c.spec.bits, c.spec.sym) for c in lc.candidates) == [(b, s) for b in (2, 4, 8)
+                                                                               for s in (False, True)]
+        for sym in (False, True):
+            errs = [c.error for c in sorted(lc.candidates, key=lambda c: c.spec.bits) if c.spec.sym == sym]
+            assert all(a > b for a, b in zip(errs, errs[1:])), (lc.name, errs)
+            assert errs[-1] >= 0
+    assert any(a.error != b.error for lc in layers for a, b in zip(lc.candidates[::2], lc.candidates[1::2]))
     two_bit = {lc.name: lc.candidates[0].error for lc in layers}
     assert max(two_bit.values()) > 3 * min(two_bit.values()), "layers differ in sensitivity"
 

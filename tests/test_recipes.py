@@ -83,3 +83,18 @@ def test_parse_bits():
     assert parse_bits([4, 2, 4]) == (4, 2)
     with pytest.raises(BadInput):
         parse_bits("2,x")
+
+
+def test_sym_auto_offers_both_grids_only_where_the_estimate_prices_them(tmp_path):
+    from lwq.pipeline.plan import candidate_grids
+
+    r = load_recipe(write(tmp_path, "budget: 3.25bit\nsym: auto\n"))
+    assert r.sym is None and Recipe().sym is None and r.to_dict()["sym"] == "auto"
+    assert merge(r, {"sym": None}).sym is None and merge(r, {"sym": True}).sym is True
+    assert merge(Recipe(sym=False), {}).to_dict()["sym"] is False
+    assert candidate_grids(r) == (False, True)  # sensitivity measures each candidate
+    assert candidate_grids(Recipe(scorer="hessian")) == (False, True)
+    assert candidate_grids(Recipe(scorer="lim", solver="order")) == (False,)  # importance x 4^-bits: blind to grids
+    assert candidate_grids(Recipe(sym=True)) == (True,) and candidate_grids(Recipe(sym=False)) == (False,)
+    with pytest.raises(BadInput, match="sym must be true, false or auto"):
+        load_recipe(write(tmp_path, "sym: maybe\n"))

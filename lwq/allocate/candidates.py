@@ -26,17 +26,22 @@ DB_VERSION = 1
 
 
 def make_candidates(shapes: Mapping[str, tuple[int, int]], bits: Sequence[int] = DEFAULT_BITS,
-                    backend: str = "rtn", group_size: int = 128, sym: bool = False, act_bits: int = 16,
+                    backend: str = "rtn", group_size: int = 128, sym: bool | Sequence[bool] = False, act_bits: int = 16,
                     extra_specs: Sequence[LayerSpec] = (),
                     serve: Callable[[LayerSpec, int], LayerSpec | None] | None = None) -> list[LayerCandidates]:
     """One ``LayerCandidates`` per linear (in ``shapes`` order, name -> (out, in)): a spec per width in
-    ``bits`` built by ``make_spec`` (6-bit gets the ``int6`` format) plus ``extra_specs`` (bnb nf4,
+    ``bits`` and grid in ``sym`` (one bool, or several: ``(False, True)`` offers each width with and
+    without zero points) built by ``make_spec`` (6-bit gets the ``int6`` format) plus ``extra_specs`` (bnb nf4,
     int8, ...), each with its exact byte cost. ``serve(spec, in_features)``: the spec a serving target
     takes instead (symmetric, a whole group size, ...) or None to drop it (a target's rule,
     ``lwq.formats.targets.served_spec``). Errors start as ``nan``; fill them with the functions below."""
     if not bits and not extra_specs:
         raise BadInput("no candidate bit widths given")
-    specs = [make_spec(b, group_size, sym, backend, act_bits) for b in sorted(set(bits))]
+    grids = (sym,) if isinstance(sym, bool) else tuple(dict.fromkeys(sym))
+    if not grids:
+        raise BadInput("no candidate grid (symmetric or not) given")
+    specs = list(dict.fromkeys(make_spec(b, group_size, s, backend, act_bits)
+                               for b in sorted(set(bits)) for s in grids))
     specs += [s for s in extra_specs if s not in specs]
     out = []
     for name, (o, i) in shapes.items():

@@ -45,7 +45,10 @@ class Recipe:
     ``refine_norms``, the block's normalization weights too) or ``none``;
     ``grid``: ``minmax`` or ``mse`` (clipping search) for the rtn and gptq backends; ``target``: a
     serving engine (``lwq.formats.targets``): only candidates it serves are offered (symmetric where
-    it takes no zero points, whole groups, its widths) and, when it fuses shards, they are tied."""
+    it takes no zero points, whole groups, its widths) and, when it fuses shards, they are tied;
+    ``sym``: true (symmetric grids only), false (asymmetric, with zero points) or ``auto`` (None):
+    each width is offered both ways and the solver picks per layer, where the scorer's estimate
+    prices grids (``lwq.score.Scorer.prices_grids``; else asymmetric)."""
 
     budget: str | None = None
     scorer: str = "sensitivity"
@@ -53,7 +56,7 @@ class Recipe:
     bits: tuple[int, ...] = (2, 3, 4, 6, 8)
     backend: str = "gptq"
     group_size: int = 128
-    sym: bool = False
+    sym: bool | None = None  # None: ``auto``
     act_bits: int = 16
     nsamples: int = 128
     seqlen: int = 2048
@@ -75,6 +78,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["bits"], d["options"] = list(self.bits), dict(self.options)
+        d["sym"] = "auto" if self.sym is None else self.sym
         return d
 
 
@@ -99,7 +103,7 @@ def _check(r: Recipe) -> None:
          f"a non-empty list of widths from {SUPPORTED_BITS}")
     want("group_size", r.group_size in SUPPORTED_GROUP_SIZES and not isinstance(r.group_size, bool),
          f"one of {SUPPORTED_GROUP_SIZES}")
-    want("sym", isinstance(r.sym, bool), "true or false")
+    want("sym", r.sym is None or isinstance(r.sym, bool), "true, false or auto")
     want("act_bits", r.act_bits in (8, 16) and not isinstance(r.act_bits, bool), "8 or 16")
     for key in ("nsamples", "seqlen"):
         v = getattr(r, key)
@@ -156,6 +160,8 @@ def recipe_from_dict(d: Any, where: str = "recipe") -> Recipe:
     kw = dict(d)
     if "bits" in kw:
         kw["bits"] = parse_bits(kw["bits"])
+    if isinstance(kw.get("sym"), str) and kw["sym"].strip().lower() == "auto":
+        kw["sym"] = None
     if "budget" in kw and isinstance(kw["budget"], (int, float)) and not isinstance(kw["budget"], bool):
         raise BadInput(f"{where}: budget needs a unit, e.g. {kw['budget']}bit")
     if kw.get("options") is None:

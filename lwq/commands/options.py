@@ -49,7 +49,7 @@ class _PlanFlagsMethods:
             if val is not None and val < 1:
                 raise BadInput(f"{name} must be positive, got {val}")
 
-    def recipe(self, backend: str | None, group_size: int | None, sym: bool, act_bits: int | None,
+    def recipe(self, backend: str | None, group_size: int | None, sym: bool | None, act_bits: int | None,
                **more: Any) -> "Recipe":
         """The recipe from ``--config`` (or the defaults) with the flags that were given on top
         (``more``: further recipe keys, e.g. ``refine``, ``refine_steps``, ``grid``)."""
@@ -62,7 +62,7 @@ class _PlanFlagsMethods:
         base = load_recipe(self.config) if self.config else Recipe()
         overrides = {**{k: v for k, v in given.items() if k not in ("config", "calib")},
                      "bits": parse_bits(bits) if bits is not None else None, "backend": backend,
-                     "group_size": group_size, "sym": sym or None, "act_bits": act_bits, **more}
+                     "group_size": group_size, "sym": sym, "act_bits": act_bits, **more}
         recipe = merge(base, overrides)
         SCORERS.get(recipe.scorer)
         return dataclasses.replace(recipe, backend=with_grid(recipe.backend, recipe.grid))

@@ -24,7 +24,7 @@ def plan_command(
     flags: PlanFlags = PlanFlags(),
     backend: Optional[str] = typer.Option(None, "--backend", help="Backend the plan's specs name (default gptq)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Group size of the candidates (default 128)."),
-    sym: bool = typer.Option(False, "--sym", help="Symmetric candidates."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--no-sym", help="Symmetric or asymmetric candidates only (default: both, the solver picks per layer)."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (W4A8/W6A8 candidates)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and for the random/search solvers."),
     error_db: Optional[str] = typer.Option(None, "--error-db", help="JSON of measured candidate errors: reused if present, written after measuring."),

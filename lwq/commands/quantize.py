@@ -49,7 +49,7 @@ def quantize_command(
     plan_file: Optional[str] = typer.Option(None, "--plan", help="Apply a plan JSON (from `lwq plan`, maybe hand-edited)."),
     flags: PlanFlags = PlanFlags(),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns per scale: 32, 64, 128 (default), 256 or -1 (per channel)."),
-    sym: bool = typer.Option(False, "--sym/--no-sym", help="Symmetric grid (default: asymmetric with zero points)."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--no-sym", help="Symmetric grids (no zero points) or asymmetric. Default: asymmetric for --bits; for budgets, each width is offered both ways and the solver picks per layer."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="rtn (default with --bits), rtn-mse, gptq (default with --budget), bnb-nf4, bnb-fp4, bnb-int8."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="16 (weight-only) or 8 (int8 activations: W4A8/W6A8)."),
@@ -107,7 +107,7 @@ def quantize_command(
     if flags.config is not None:
         raise BadInput("--config recipes plan under a budget; drop --bits (or --config)")
     chosen = backend or "rtn"
-    spec = uniform_spec(bits, group_size, sym, chosen if grid is None else with_grid(chosen, grid), act_bits or 16,
+    spec = uniform_spec(bits, group_size, bool(sym), chosen if grid is None else with_grid(chosen, grid), act_bits or 16,
                         act_order)
     data, nsamples, seqlen = flags.data, flags.nsamples or 128, flags.seqlen or 2048
     mode = refine or ("block" if data is not None and spec.format in REFINABLE_FORMATS else "none")

@@ -117,14 +117,29 @@ def check_feasible(model: nn.Module, recipe: Recipe) -> None:
     if recipe.budget is None:
         return
     shapes = model_shapes(model)
-    layers = make_candidates(shapes, recipe.bits, recipe.backend, recipe.group_size, recipe.sym, recipe.act_bits,
-                             serve=target_filter(recipe.target))
+    layers = recipe_candidates(shapes, recipe)
     b = parse_budget(recipe.budget)
     rest = rest_bytes(model, shapes)
     smallest = min_bytes(layers)
     if budget_bytes(b, layers, rest) < smallest:
         raise BadInput(f"budget {b.text} is infeasible: the minimum is {in_budget_units(b, smallest, layers, rest)} "
                        f"({smallest} bytes of quantized layers at the narrowest candidates)")
+
+
+def candidate_grids(recipe: Recipe) -> tuple[bool, ...]:
+    """The grids offered at each width: the recipe's ``sym``, or for ``auto`` both (asymmetric first)
+    when the scorer's estimate prices them, else asymmetric."""
+    from lwq.score import SCORERS
+
+    if recipe.sym is not None:
+        return (recipe.sym,)
+    return (False, True) if SCORERS.get(recipe.scorer).prices_grids else (False,)
+
+
+def recipe_candidates(shapes: Mapping[str, tuple[int, int]], recipe: Recipe) -> list[Any]:
+    """The recipe's candidates for linears of ``shapes`` (name -> (out, in)), with exact byte costs."""
+    return make_candidates(shapes, recipe.bits, recipe.backend, recipe.group_size, candidate_grids(recipe),
+                           recipe.act_bits, serve=target_filter(recipe.target))
 
 
 def target_filter(target: str | None) -> Any:
@@ -145,8 +160,7 @@ def error_table(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, 
     declared ``estimate``), and the error database when that estimate keeps one (else None)."""
     from lwq.score import SCORERS, EstimateInputs
 
-    layers = make_candidates(model_shapes(model), recipe.bits, recipe.backend, recipe.group_size, recipe.sym,
-                             recipe.act_bits, serve=target_filter(recipe.target))
+    layers = recipe_candidates(model_shapes(model), recipe)
     return SCORERS.get(recipe.scorer).errors(EstimateInputs(model, samples, layers, recipe, stats, on_step, db, measure,
                                                             placement))
 

@@ -16,15 +16,15 @@ SCORERS.add("zd", Scorer("zd", "lwq.score.zd:run", frozenset({"model"}),
                          "share of weights with |z-score| > 1 (direction: --zd-order)"))
 SCORERS.add("hessian", Scorer("hessian", "lwq.score.hessian:run", frozenset({"model", "stats", "hessians"}),
                               "trace(dW H dW^T), dW from RTN at --bits (default 3)",
-                              estimate="lwq.score.hessian:hessian_estimate"))
+                              estimate="lwq.score.hessian:hessian_estimate", prices_grids=True))
 SCORERS.add("sensitivity", Scorer(
     "sensitivity", "lwq.score.sensitivity:run", frozenset({"model", "samples"}),
     "measured KL (or NLL) increase when only that layer is RTN-quantized at --bits (default 2)",
-    estimate="lwq.score.measured:estimate", streams=True))
+    estimate="lwq.score.measured:estimate", streams=True, prices_grids=True))
 SCORERS.add("linearity", Scorer(
     "linearity", "lwq.score.linearity:run", frozenset({"model", "samples"}),
     "a_l of the linearity theorem: KL per unit relative weight noise (Fisher, one pass per window)",
-    estimate="lwq.score.linearity:estimate", streams=True))
+    estimate="lwq.score.linearity:estimate", streams=True, prices_grids=True))
 
 
 def parse_methods(text: str) -> list[str]:

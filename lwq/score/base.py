@@ -90,7 +90,9 @@ class Scorer:
     ``hessians`` (stats with Hessians) and ``samples``; ``estimate`` (``module:function``) prices the
     planning candidates: ``estimate(scorer, EstimateInputs) -> (layers, error database or None)``
     (default: block importance times ``4**-bits``, what the paper's ``order`` solver needs);
-    ``streams``: planning can read the model one block at a time for it."""
+    ``streams``: planning can read the model one block at a time for it; ``prices_grids``: its
+    estimate quantizes each candidate, so it tells a symmetric grid from an asymmetric one (the
+    default importance estimate does not: it would always take the cheaper grid)."""
 
     name: str
     run: str
@@ -98,6 +100,7 @@ class Scorer:
     help: str
     estimate: str = "lwq.score.base:importance_errors"
     streams: bool = False
+    prices_grids: bool = False
 
     @property
     def fn(self) -> Callable[[ScoreInputs, ScoreConfig], Scores]:
