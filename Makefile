@@ -3,14 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast bench-kernels lint clean
+LOCK ?= constraints.txt
+SCRATCH ?= .venv-upgrade
+PIP_ARGS ?=
 
-# torch: keep one that is already installed; else take a local CPU wheel when pip is configured with
-# one (find-links; seconds, offline), else the registry's default build for this platform.
-$(BIN)/.installed: pyproject.toml
+.PHONY: install demo test test-fast bench-kernels lint lock upgrade-check clean
+
+# Reproducible: every install is held to $(LOCK), the versions the suite last passed with. torch is pinned
+# by its public version, so pip takes a locally configured CPU wheel when it has one (find-links;
+# seconds, offline) and the registry's default build for this platform otherwise. PIP_ARGS passes
+# options to pip, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu".
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q --no-index torch 2>/dev/null || $(BIN)/pip install -q torch
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c $(LOCK) $(PIP_ARGS) torch
+	$(BIN)/pip install -q -c $(LOCK) $(PIP_ARGS) -e ".[test]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -25,7 +31,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench-kernels: install
-	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/kernel_speed.py
 
 # ruff (fetched on first use) and the structure test: no import circles, imports only run down the layers
 lint: install
@@ -33,5 +39,17 @@ lint: install
 	$(BIN)/python -m ruff check lwq tests benchmarks
 	$(BIN)/python -m pytest -q tests/test_structure.py
 
+# rewrite the lock from .venv (run after `make test` passed on the versions you want to pin)
+lock:
+	$(BIN)/python .ci/lock.py write $(LOCK)
+
+# not in CI: the newest versions pyproject.toml allows, in a scratch venv; says what moved, runs the fast tests
+upgrade-check:
+	rm -rf $(SCRATCH)
+	$(PYTHON) -m venv $(SCRATCH)
+	$(SCRATCH)/bin/pip install -q --upgrade $(PIP_ARGS) -e ".[test]"
+	$(SCRATCH)/bin/python .ci/lock.py diff $(LOCK)
+	$(SCRATCH)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) lwq-demo benchmarks/out .pytest_cache
+	rm -rf $(VENV) $(SCRATCH) lwq-demo benchmarks/out .pytest_cache

@@ -12,10 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: the project root heads sys.path, never benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from lwq.calib.data import load_text, tokenize  # noqa: E402
 from lwq.eval.perplexity import perplexity  # noqa: E402

@@ -16,6 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: the project root heads sys.path, never benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, INTERMEDIATE, VOCAB = 1024, 2816, 1024
 

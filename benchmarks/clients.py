@@ -27,7 +27,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from versus import PPL_CODE, ROOT, bench_parser, run_lwq, scratch
+if __package__ in (None, ""):  # run as a file: the project root heads sys.path, never benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from benchmarks.versus import PPL_CODE, ROOT, bench_parser, run_lwq, scratch
 
 CT_DRIVER = PPL_CODE + r'''
 from transformers import AutoModelForCausalLM, AutoTokenizer

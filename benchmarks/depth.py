@@ -24,6 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: the project root heads sys.path, never benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 1024, 2816, 2048, 16, 4
 NSAMPLES, SEQLEN = 16, 128

@@ -12,13 +12,17 @@ benchmarks/out/linearity.json.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: the project root heads sys.path, never benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import numpy as np
 
-from versus import SHARED, bench_parser, scratch
-from versus import run_lwq as lwq
+from benchmarks.versus import SHARED, bench_parser, scratch
+from benchmarks.versus import run_lwq as lwq
 FIXTURES = {  # model, calibration text, evaluation text, group size
     "docs8": ("fixtures/docs8", "data/docs-calib.txt", "data/docs-eval.txt", 64),
     "stories260k": ("fixtures/stories260k", "data/tinystories/calib.txt", "data/tinystories/valid-head.txt", 32),

@@ -16,8 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from depth import VOCAB, measure
-from versus import bench_parser
+if __package__ in (None, ""):  # run as a file: the project root heads sys.path, never benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from benchmarks.depth import VOCAB, measure
+from benchmarks.versus import bench_parser
 
 
 def main() -> None:

@@ -23,8 +23,10 @@ import math
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: the project root heads sys.path, never benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 PROMPTS = ("The quantization of large language models", "def main():\n    ", "In this section we describe")
 
 

@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: the project root heads sys.path, never benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {"--version": ["--version"], "--help": ["--help"], "quantize --help": ["quantize", "--help"]}
 HEAVY = ("torch", "transformers", "numpy", "safetensors")

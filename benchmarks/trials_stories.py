@@ -11,10 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: the project root heads sys.path, never benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 from lwq.allocate.recipes import Recipe  # noqa: E402
 from lwq.pipeline import LoadOptions, evaluate_ppl, quantize_to_checkpoint  # noqa: E402
 from lwq.pipeline.common import calib_batches  # noqa: E402

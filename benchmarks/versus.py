@@ -30,6 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+if __package__ in (None, ""):  # run as a file: the project root heads sys.path, never benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 DEFAULT_LWQ = (
@@ -187,7 +190,6 @@ def scratch(prefix: str) -> Iterator[Path]:
 
 def write_windows(a: argparse.Namespace, path: Path) -> None:
     """lwq's calibration windows, saved for every tool."""
-    sys.path.insert(0, str(ROOT))
     from safetensors.torch import save_file
 
     from lwq.calib.data import calibration_samples

@@ -294,7 +294,7 @@ def _bench_module():
 
     from helpers import PROJECT
 
-    spec = importlib.util.spec_from_file_location("bench_kernels", PROJECT / "benchmarks" / "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", PROJECT / "benchmarks" / "kernel_speed.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
     spec.loader.exec_module(mod)

@@ -6,7 +6,7 @@ device copy) and the speedup over fp16 ``torch.matmul``. Prints a rich table and
 (``benchmarks/out/kernels.json``). Needs a CUDA GPU: without one it says so and exits 0 (``--smoke``
 then checks each kernel against its reference at a tiny shape through Triton's interpreter; no timings).
 
-    python benchmarks/kernels.py [--quick] [--smoke] [--out benchmarks/out/kernels.json]
+    python benchmarks/kernel_speed.py [--quick] [--smoke] [--out benchmarks/out/kernels.json]
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
+
+if __package__ in (None, ""):  # run as a file: the project root heads sys.path, never benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch
 
@@ -207,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="without a GPU: interpreter correctness check, no timings")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "kernels.json")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     if not torch.cuda.is_available():
         print("No CUDA GPU here: kernel benchmarks need one; nothing was timed and no numbers are reported.")
         return smoke() if args.smoke else 0
