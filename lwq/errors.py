@@ -32,3 +32,11 @@ class GateFailed(LwqError):
     """A quality gate (``--max-ppl`` and friends) was exceeded (exit 1)."""
 
     exit_code = EXIT_FAILURE
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """A library's (often multi-line) message as one line of at most ``limit`` characters, cut at a word."""
+    text = " ".join(str(exc).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."

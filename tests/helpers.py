@@ -38,8 +38,8 @@ def fixture_data(rel: str = "docs-eval.txt") -> Path:
 TINY_ARCHS = ("llama", "mistral", "qwen2", "opt", "gpt2")
 
 
-def tiny_config(arch: str, layers: int = 2, hidden: int = 64, vocab: int = 128):
-    """A transformers config for a tiny random model of ``arch``."""
+def tiny_config(arch: str, layers: int = 2, hidden: int = 64, vocab: int = 128, tied: bool = False):
+    """A transformers config for a tiny random model of ``arch`` (``tied``: the head shares the embedding)."""
     from transformers import AutoConfig
 
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -51,24 +51,26 @@ def tiny_config(arch: str, layers: int = 2, hidden: int = 64, vocab: int = 128):
                                     word_embed_proj_dim=hidden, **common)
     return AutoConfig.for_model(arch, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden + 32,
                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                tie_word_embeddings=False, **common)
+                                tie_word_embeddings=tied, **common)
 
 
-def tiny_model(arch: str = "llama", layers: int = 2, hidden: int = 64, vocab: int = 128, seed: int = 0):
-    """A tiny random causal LM (float32, eval mode)."""
+def tiny_model(arch: str = "llama", layers: int = 2, hidden: int = 64, vocab: int = 128, seed: int = 0,
+               tied: bool = False, dtype: torch.dtype = torch.float32):
+    """A tiny random causal LM (eval mode)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, hidden, vocab))
-    return model.eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, hidden, vocab, tied))
+    return model.to(dtype).eval()
 
 
-def save_tiny(tmp: Path, arch: str = "llama", layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+def save_tiny(tmp: Path, arch: str = "llama", layers: int = 2, hidden: int = 64, seed: int = 0,
+              tied: bool = False, dtype: torch.dtype = torch.float32) -> Path:
     """Save a tiny random model plus a small word-level tokenizer to ``tmp``; returns the folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = tiny_model(arch, layers, hidden, 128, seed)
+    model = tiny_model(arch, layers, hidden, 128, seed, tied, dtype)
     model.save_pretrained(str(tmp), safe_serialization=True)
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(125)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

@@ -104,6 +104,9 @@ def reprice(plan: Plan, shapes: Mapping[str, tuple[int, int]]) -> Plan:
         if name not in shapes:
             raise BadInput(f"plan layer {name} has no shape to price it")
         o, i = shapes[name]
+        if e.numel is not None and e.numel != o * i:
+            raise BadInput(f"the plan does not fit this model: layer {name} has {e.numel} weights in the plan, "
+                           f"{o * i} ({o}x{i}) here{made_for(plan.meta)}")
         entries[name] = PlanEntry(e.spec, layer_bytes(o, i, e.spec), e.estimate, o * i)
     return Plan(entries, plan.budget, plan.solver, plan.scorer, plan.counted, plan.kept_16bit, plan.meta)
 
@@ -158,10 +161,16 @@ def _number(raw: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     return kind(val)
 
 
-def _unknown_name(name: str, valid: Sequence[str], where: str) -> BadInput:
+def made_for(meta: Mapping[str, Any]) -> str:
+    """``" (the plan was made for MODEL)"`` when the plan says which model it was made for."""
+    model = meta.get("model") if isinstance(meta, Mapping) else None
+    return f" (the plan was made for {model})" if isinstance(model, str) and model else ""
+
+
+def _unknown_name(name: str, valid: Sequence[str], where: str, meta: Mapping[str, Any]) -> BadInput:
     close = difflib.get_close_matches(name, valid, n=3)
     hint = f"did you mean {', '.join(close)}?" if close else f"valid names include {', '.join(valid[:3])}"
-    return BadInput(f"{where}: unknown module {name!r}; {hint}")
+    return BadInput(f"{where}: unknown module {name!r}{made_for(meta)}; {hint}")
 
 
 def _matches(pattern: Any, key: str, name: str, where: str) -> bool:
@@ -209,7 +218,7 @@ def plan_from_dict(d: Any, valid_names: Sequence[str] | None = None, where: str 
             _spec(raw, base, w)
             continue
         if valid_names is not None and key not in set(valid_names):
-            raise _unknown_name(key, list(valid_names), where)
+            raise _unknown_name(key, list(valid_names), where, d.get("meta", {}))
         explicit[key] = PlanEntry(_spec(raw, base, w), _number(raw, "cost_bytes", int, w),
                                   _number(raw, "estimate", float, w), _number(raw, "numel", int, w))
     if valid_names is None:

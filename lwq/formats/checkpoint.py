@@ -22,7 +22,7 @@ from lwq.fileio import write_error
 from lwq.formats.folder import (MAX_SHARD_BYTES, TOKENIZER_FILES, TensorRef, copy_side_files,
                                model_from_config, sha256_file, write_json, write_shards)
 from lwq.formats.qlinear import QuantizedLinear, add_v1_tensors, install_empty
-from lwq.models.load import read_config, resolve_device, resolve_dtype
+from lwq.models.load import check_finite_weights, read_config, resolve_device, resolve_dtype
 from lwq.spec import LayerSpec
 
 FORMAT_VERSION = 2  # 2: no g_idx stored for layers without act-order (1: stored for every gptq layer)
@@ -58,7 +58,7 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, LayerSpec], source: str,
                     extra_meta: dict[str, Any] | None = None, force: bool = False, tokenizer: Any = None,
                     max_shard_bytes: int = MAX_SHARD_BYTES, extra_files: dict[str, Any] | None = None,
-                    state: dict[str, TensorRef] | None = None) -> Path:
+                    state: dict[str, TensorRef] | None = None, store_dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` (its planned linears already ``QuantizedLinear``s) as an lwq checkpoint.
 
     An existing ``out_dir`` is refused unless ``force`` (and even then unless it is an lwq
@@ -66,7 +66,9 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, Layer
     write (full disk, interrupt) leaves it as it was. The tokenizer is saved from ``tokenizer`` or
     copied from ``source``'s folder. ``extra_files`` (file name -> JSON-able object, e.g. the plan)
     are written inside it too. ``state``: the tensors to write, in order (default: the model's own;
-    ``lwq.pipeline.workdir`` streams the blocks from its work folder instead)."""
+    ``lwq.pipeline.workdir`` streams the blocks from its work folder instead). ``store_dtype``: the
+    source model's dtype, in which every floating tensor that is not a quantized layer's own data
+    (embeddings, norms, head, biases) is stored and which config.json names (default: as computed)."""
     from lwq.fileio import check_output, publish
 
     src = Path(source).expanduser()
@@ -81,8 +83,11 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, Layer
             raise BadInput(f"{len(on_meta)} tensor(s) of the model are not loaded (meta), e.g. {on_meta[0]}")
         state = {k: TensorRef.of(t) for k, t in tensors.items()}
 
+    if store_dtype is not None:
+        state = in_store_dtype(state, plan, store_dtype)
+
     def build(tmp: Path) -> None:
-        names = _write(model, tmp, plan, src, tokenizer, max_shard_bytes, state)
+        names = _write(model, tmp, plan, src, tokenizer, max_shard_bytes, state, store_dtype)
         for fname, obj in (extra_files or {}).items():
             write_json(tmp / fname, obj)
         _write_manifest(tmp, names, src, extra_meta or {})
@@ -94,11 +99,29 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, plan: dict[str, Layer
     return out
 
 
+def in_store_dtype(state: dict[str, TensorRef], plan: dict[str, LayerSpec], dtype: torch.dtype
+                   ) -> dict[str, TensorRef]:
+    """``state`` with every floating tensor outside the quantized layers' data (their codes, scales,
+    zeros) cast to ``dtype`` when it is read; biases count as outside."""
+    def quantized_data(key: str) -> bool:
+        owner, _, field = key.rpartition(".")
+        return owner in plan and field != "bias"
+
+    def cast(ref: TensorRef) -> TensorRef:
+        return TensorRef(dtype, ref.shape, lambda: ref.read().to(dtype))
+
+    return {k: cast(r) if r.dtype.is_floating_point and r.dtype != dtype and not quantized_data(k) else r
+            for k, r in state.items()}
+
+
 def _write(model: nn.Module, tmp: Path, plan: dict[str, LayerSpec], src: Path, tokenizer: Any,
-           max_shard_bytes: int, state: dict[str, TensorRef]) -> list[str]:
+           max_shard_bytes: int, state: dict[str, TensorRef], store_dtype: torch.dtype | None) -> list[str]:
     """Shards, config.json, tokenizer and generation config; returns the shard names."""
     names = write_shards(state, tmp, max_shard_bytes)
     config = json.loads(model.config.to_json_string(use_diff=True))
+    if store_dtype is not None:
+        config["dtype"] = str(store_dtype).replace("torch.", "")
+        config.pop("torch_dtype", None)
     config["quantization_config"] = quantization_config(plan)
     write_json(tmp / "config.json", config)
     if tokenizer is not None:
@@ -183,6 +206,7 @@ def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto")
         add_v1_tensors(model)
     _load_tensors(model, shards)
     model.tie_weights()
+    check_finite_weights(model)
     model.to(dev)
     model.eval()
     _attach_kernels(model)
@@ -190,24 +214,41 @@ def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto")
 
 
 def check_tensor_names(model: nn.Module, shards: list[Path]) -> None:
-    """Refuse, in one line, shards that lack a tensor the model needs or hold one it does not have
-    (the transformers path runs this before loading; ``lwq.load`` checks the same while loading)."""
+    """Refuse, in one line, shards that lack a tensor the model needs, hold one it does not have, or
+    hold one of another shape (the transformers path runs this before loading; ``lwq.load`` checks the
+    same while loading). A tied pair (head and embedding) needs one of its two names stored."""
     from safetensors import safe_open
 
-    expected = set(unique_state(model))
-    stored: set[str] = set()
+    expected = {k: tuple(t.shape) for k, t in unique_state(model).items()}
+    stored: dict[str, tuple[int, ...]] = {}
     for shard in shards:
         try:
             with safe_open(str(shard), "pt") as f:
-                stored.update(f.keys())
+                stored.update((k, tuple(f.get_slice(k).get_shape())) for k in f.keys())
         except (SafetensorError, OSError) as exc:
             raise BadInput(f"cannot read {shard.name}: {exc}") from None
-    unexpected, missing = sorted(stored - expected), sorted(expected - stored)
+    missing = set(expected) - set(stored)
+    for target, source in tied_weights(model).items():  # one stored tensor serves both names
+        if target in stored or source in stored:
+            missing -= {target, source}
+    unexpected, missing = sorted(set(stored) - set(expected)), sorted(missing)
     if unexpected:
         raise BadInput(f"the checkpoint holds {len(unexpected)} tensor(s) the model does not have, "
                        f"e.g. {unexpected[0]}")
     if missing:
         raise BadInput(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    wrong = [k for k in stored if stored[k] != expected[k]]
+    if wrong:
+        more = f" ({len(wrong) - 1} more differ)" if len(wrong) > 1 else ""
+        raise BadInput(f"{wrong[0]} has shape {list(stored[wrong[0]])} in the checkpoint, but config.json makes it "
+                       f"{list(expected[wrong[0]])}{more} (config.json edited, or tensors of another model?)")
+
+
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """transformers' ``{target: source}`` map of tied parameters (``lm_head.weight`` ->
+    ``model.embed_tokens.weight`` when ``tie_word_embeddings``); empty for other modules."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    return dict(expand(all_submodels=True)) if callable(expand) else {}
 
 
 def _load_tensors(model: nn.Module, shards: list[Path]) -> None:

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lwq.errors import BadInput, LwqError
+from lwq.errors import BadInput, LwqError, one_line
+from lwq.models.load import CONFIG_ERRORS
 
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 2 * 1024**3
@@ -148,8 +149,7 @@ def model_from_config(config: dict[str, Any], dtype: torch.dtype | None = None, 
                 return AutoModelForCausalLM.from_config(cfg)
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BadInput(f"cannot build a {model_type!r} model from the checkpoint config: "
-                       f"{str(exc).splitlines()[0][:200]}") from None
+    except (ValueError, KeyError, TypeError, *CONFIG_ERRORS) as exc:
+        raise BadInput(f"cannot build a {model_type!r} model from config.json (edited?): {one_line(exc)}") from None
     model.tie_weights()  # no_init_weights skips init_weights, which is where transformers ties them
     return model

@@ -59,7 +59,9 @@ class LwqHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         from lwq.kernels import attach_kernels
+        from lwq.models.load import check_finite_weights
 
+        check_finite_weights(model)  # a NaN scale would otherwise give NaN logits, silently
         attach_kernels(model)
         return model
 

@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lwq.errors import LwqError
+from lwq.errors import BadInput, LwqError, one_line
 from lwq.models.arch import ArchSpec, arch_for, get_blocks
-from lwq.models.load import check_local_model, looks_local, resolve_device, resolve_dtype
+from lwq.models.load import CONFIG_ERRORS, check_local_model, looks_local, resolve_device, resolve_dtype
 
 
 class LazyUnsupported(LwqError):
@@ -88,10 +88,13 @@ def materialize(model: nn.Module, index: SafetensorsIndex, device: torch.device 
     base = getattr(model, "base_model_prefix", "")
     modules = dict(model.named_modules())
     aliases: dict[int, list[str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}  # what config.json makes each tensor, checked against the file
     for name, p in model.named_parameters(remove_duplicate=False):
         if keep(name) and p.is_meta:
             aliases.setdefault(id(p), []).append(name)
+            shapes[name] = tuple(p.shape)
     meta_buffers = [(n, b) for n, b in model.named_buffers() if keep(n) and b.is_meta]
+    shapes.update((n, tuple(b.shape)) for n, b in meta_buffers)
     np_owners = {name.rpartition(".")[0] for name, b in _non_persistent(model) if keep(name) and b.is_meta}
     for owner in sorted(np_owners):
         mod = modules[owner]
@@ -109,6 +112,10 @@ def materialize(model: nn.Module, index: SafetensorsIndex, device: torch.device 
     tensors = index.read(list(wanted), device)
     for key, names in wanted.items():
         t = tensors[key]
+        want = shapes[names[0]]
+        if tuple(t.shape) != want:
+            raise BadInput(f"{key} in {index.root / index.files[key]} has shape {list(t.shape)}, but config.json "
+                           f"makes it {list(want)} (config.json edited, or weights of another model?)")
         if t.is_floating_point():
             t = t.to(dtype)
         param = nn.Parameter(t, requires_grad=False)  # one object for all tied names
@@ -183,6 +190,8 @@ def meta_model(name: str, dtype: str = "auto", device: str = "auto") -> tuple[nn
         cfg = AutoConfig.from_pretrained(str(Path(name).expanduser()), local_files_only=True)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+    except CONFIG_ERRORS as exc:  # eager loading would fail the same way
+        raise BadInput(f"cannot load {name}: config.json does not describe a valid model: {one_line(exc)}") from None
     except (ValueError, OSError, KeyError) as exc:
         raise LazyUnsupported(f"cannot build {name} from its config: {str(exc).splitlines()[0][:200]}") from None
     return model.eval(), torch_dtype

@@ -1,6 +1,7 @@
 """Load a Hugging Face causal LM (hub id or local folder) or an lwq checkpoint, safely."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -9,7 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lwq.errors import BadInput, LwqError
+from lwq.errors import BadInput, LwqError, one_line
+
+try:  # transformers 5 validates configs as strict dataclasses; their errors are not ValueErrors
+    from huggingface_hub.errors import StrictDataclassError
+    CONFIG_ERRORS: tuple[type[Exception], ...] = (StrictDataclassError,)
+except ImportError:  # an older huggingface_hub: configs raise ValueError only
+    CONFIG_ERRORS = ()
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -43,17 +50,46 @@ def resolve_dtype(dtype: str, device: torch.device, config_dtype: Any = None) ->
         raise BadInput(f"invalid dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}") from None
 
 
+def source_dtype(name: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a model's weights are published in (config.json's ``dtype``; float32 when it names
+    none, as transformers assumes): the dtype its checkpoint keeps for what lwq does not quantize."""
+    if looks_local(name):
+        cfg = read_config(name)
+        raw = cfg.get("dtype") or cfg.get("torch_dtype")
+    else:
+        from transformers import AutoConfig
+
+        ensure_hub(name)
+        raw = getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), "dtype", None)
+    if isinstance(raw, torch.dtype):
+        return raw if raw.is_floating_point else torch.float32
+    return DTYPES.get(str(raw or "float32").replace("torch.", ""), torch.float32)
+
+
 def looks_local(name: str) -> bool:
     """A path-like string (exists, or starts with ./ ../ / ~, or has more than one slash)."""
-    return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+    return (os.path.lexists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
             or name.endswith(os.sep) or "\\" in name)
+
+
+def missing_path(path: str | Path, what: str = "model path") -> BadInput:
+    """The one line for a path that does not resolve: a symlink loop, a broken symlink, or nothing."""
+    p = Path(path).expanduser()
+    try:
+        os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return BadInput(f"{what} {path} is a symlink loop (its links never reach a file or folder)")
+    if p.is_symlink():
+        return BadInput(f"{what} {path} is a broken symlink (to {os.readlink(p)}, which does not exist)")
+    return BadInput(f"no such {what}: {path}")
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """Parse ``config.json`` of a local model folder, with clear errors."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise BadInput(f"no such model path: {path}")
+        raise missing_path(path)
     if not p.is_dir():
         raise BadInput(f"model path is not a folder: {path}")
     cfg = p / "config.json"
@@ -167,10 +203,13 @@ def _from_pretrained(name: str, torch_dtype: torch.dtype, trust_remote_code: boo
     if not local:
         ensure_hub(name)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             str(Path(name).expanduser()) if local else name, dtype=torch_dtype,
             trust_remote_code=trust_remote_code, use_safetensors=True, local_files_only=local,
+            ignore_mismatched_sizes=True, output_loading_info=True,  # refused below, in one line
         )
+    except CONFIG_ERRORS as exc:
+        raise BadInput(f"cannot load {name}: config.json does not describe a valid model: {one_line(exc)}") from None
     except ValueError as exc:
         msg = str(exc).splitlines()[0]
         if "trust_remote_code" in msg:
@@ -187,7 +226,23 @@ def _from_pretrained(name: str, torch_dtype: torch.dtype, trust_remote_code: boo
                            f"download it first or pass a local folder") from None
         raise BadInput(f"{name!r} is neither a local folder nor a model on the Hugging Face hub: {msg[:200]}") from None
     except (RuntimeError, KeyError) as exc:  # corrupt or mismatched weight files
-        raise BadInput(f"cannot load weights of {name}: {str(exc).splitlines()[0][:300]}") from None
+        raise BadInput(f"cannot load weights of {name}: {one_line(exc)}") from None
+    check_loading_info(name, info)
+    return model
+
+
+def check_loading_info(name: str, info: dict[str, Any]) -> None:
+    """Refuse, in one line, weights whose shapes differ from what config.json makes them, or that lack
+    a tensor the model needs (transformers would initialise it at random, with a warning)."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, stored, wanted = mismatched[0]
+        more = f" ({len(mismatched) - 1} more differ)" if len(mismatched) > 1 else ""
+        raise BadInput(f"{name}: {key} has shape {list(stored)} in the weight files, but config.json makes it "
+                       f"{list(wanted)}{more} (config.json edited, or weights of another model?)")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise BadInput(f"{name}: the weight files lack {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
@@ -204,21 +259,20 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
             str(Path(name).expanduser()) if local else name, trust_remote_code=trust_remote_code,
             local_files_only=local,
         )
+    except CONFIG_ERRORS as exc:  # AutoTokenizer reads config.json too
+        raise BadInput(f"cannot load {name}: config.json does not describe a valid model: {one_line(exc)}") from None
     except (OSError, ValueError, TypeError) as exc:
-        raise BadInput(f"cannot load a tokenizer for {name}: {' '.join(str(exc).split())[:200]}") from None
+        raise BadInput(f"cannot load a tokenizer for {name}: {one_line(exc, 200)}") from None
 
 
 def check_finite_weights(model: Any) -> None:
-    """Refuse (one line naming the modules) a loaded model whose floating weights hold NaN or Inf;
-    tensors still on the meta device (read later, block by block) are checked when they are read."""
+    """Refuse (one line naming the tensors) a loaded model whose floating weights, scales or other
+    buffers hold NaN or Inf; tensors still on the meta device (read later, block by block) are checked
+    when they are read."""
     import torch
 
-    bad = []
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
-            bad.append(name.rpartition(".")[0] or name)
+    bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
     if bad:
-        bad = list(dict.fromkeys(bad))
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise BadInput(f"non-finite (NaN/Inf) weights in {', '.join(bad[:3])}{more}")
-
+        raise BadInput(f"non-finite (NaN/Inf) values in {', '.join(bad[:3])}{more}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lwq.models.load import load_tokenizer
+from lwq.models.load import load_tokenizer, source_dtype
 from lwq.pipeline.load import load_model
 from lwq.fileio import locked
 from lwq.pipeline.common import LoadOptions, Progress, calib_batches
@@ -155,7 +155,8 @@ def quantize_to_checkpoint(
     manifest = {k: v for k, v in summary.items() if k != "output"}
     path = save_checkpoint(model, out, layer_plan, model_name, {"summary": manifest}, force=force,
                            tokenizer=None if looks_local(model_name) else tok, extra_files=extra_files,
-                           state=stream_state(model, work))
+                           state=stream_state(model, work),
+                           store_dtype=source_dtype(model_name, load.trust_remote_code))
     work.remove()
     summary.update(seconds=seconds, resumed_from_block=start, loader=how,
                    checkpoint_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")))
