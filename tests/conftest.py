@@ -22,3 +22,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The SmolLM2-135M fixture (30 blocks, bf16, tied embeddings), built on first use."""
+    from helpers import build_smollm2
+
+    return build_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_4blocks(smollm2: Path) -> Path:
+    """Its first 4 blocks, for the fast tests."""
+    from helpers import cut_depth, smollm2_dir
+
+    return cut_depth(smollm2, smollm2_dir() / "hf-4blocks", 4)

