@@ -6,6 +6,9 @@
 Only lwq's own requirement closure (with the ``test`` extra, markers evaluated for this interpreter) is
 pinned, so tools a developer added by hand (ruff, ipython) stay out. Local version labels (``+cpu``)
 are dropped: ``torch==2.13.0`` takes the CPU wheel where pip is given one and the default build elsewhere.
+One lock must resolve with either build, so the CUDA libraries (``nvidia-*``, ``cuda-*``), which torch's
+default build pins exactly itself and its CPU build lacks, are left out, and ``write`` refuses a triton
+other than the one torch's default build pins (it asks the registry; without it, it says so).
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ HEADER = """\
 # Update: `make upgrade-check` (newest versions in a scratch venv, fast tests, what changed), then
 # `make lock` in a .venv that passed `make test` rewrites this file. Do not edit by hand.
 """
+
+
+BUILD_PINNED = re.compile(r"^(nvidia|cuda)-")  # pinned exactly by torch's default build; absent from its CPU build
 
 
 def _norm(name: str) -> str:
@@ -46,7 +52,7 @@ def closure(root: str = "lwq", extras: tuple[str, ...] = ("test",)) -> dict[str,
             if req.marker is not None and not any(req.marker.evaluate(env) for env in envs):
                 continue
             key = _norm(req.name)
-            if key == _norm(root):
+            if key == _norm(root) or BUILD_PINNED.match(key):
                 continue
             try:
                 seen[key] = metadata.version(req.name)
@@ -89,6 +95,40 @@ def changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
     return out
 
 
+def torch_build_triton(version: str) -> str | None:
+    """The triton that torch ``version``'s default Linux build pins (from the registry's metadata, without
+    downloading torch); None when the registry cannot be asked."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
+                            "--no-deps", "--report", str(report), f"torch==={version}"], capture_output=True, text=True)
+        if r.returncode != 0 or not report.is_file():
+            return None
+        for item in json.loads(report.read_text())["install"]:
+            for dep in item["metadata"].get("requires_dist") or []:
+                req = Requirement(dep)
+                if _norm(req.name) == "triton" and str(req.specifier).startswith("=="):
+                    return str(req.specifier)[2:]
+    return None
+
+
+def check_triton(pins: dict[str, str]) -> None:
+    """Refuse a lock whose triton differs from the one torch's default build pins (that lock would not
+    install on a machine without a CPU wheel)."""
+    if "torch" not in pins or "triton" not in pins:
+        return
+    want = torch_build_triton(public(pins["torch"]))
+    if want is None:
+        print(f"note: could not ask the registry which triton torch {public(pins['torch'])} pins; not checked")
+    elif want != public(pins["triton"]):
+        raise SystemExit(f"error: torch {public(pins['torch'])}'s default build pins triton=={want}, this venv has "
+                         f"{pins['triton']}: `pip install triton=={want}`, rerun `make test`, then `make lock`")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("write", "diff"):
         print("usage: python .ci/lock.py write|diff constraints.txt", file=sys.stderr)
@@ -96,6 +136,7 @@ def main(argv: list[str]) -> int:
     path = Path(argv[1])
     pins = closure()
     if argv[0] == "write":
+        check_triton(pins)
         path.write_text(render(pins))
         print(f"wrote {path}: {len(pins)} pins")
         return 0

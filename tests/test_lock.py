@@ -57,3 +57,14 @@ def test_lock_round_trip_and_changes(tmp_path):
     moved = tool.changes({"torch": "2.13.0", "numpy": "2.4.6", "gone": "1"},
                          {"torch": "2.14.1+cu130", "numpy": "2.4.6", "new-pkg": "0.1"})
     assert moved == ["gone: 1 -> (absent)", "new-pkg: (absent) -> 0.1", "torch: 2.13.0 -> 2.14.1"]
+
+
+def test_lock_leaves_out_build_pinned_cuda_libraries_and_refuses_a_triton_torch_does_not_pin(monkeypatch):
+    tool = _lock_tool()
+    assert not any(tool.BUILD_PINNED.match(n) for n in tool.read_lock(LOCK))
+    assert tool.BUILD_PINNED.match("nvidia-cublas") and not tool.BUILD_PINNED.match("numpy")
+    monkeypatch.setattr(tool, "torch_build_triton", lambda version: "3.7.1" if version == "2.13.0" else None)
+    tool.check_triton({"torch": "2.13.0+cpu", "triton": "3.7.1"})
+    with pytest.raises(SystemExit, match=r"pins triton==3\.7\.1, this venv has 3\.9\.0"):
+        tool.check_triton({"torch": "2.13.0", "triton": "3.9.0"})
+    tool.check_triton({"torch": "9.9.9", "triton": "3.9.0"})  # registry not asked: a note, not a refusal

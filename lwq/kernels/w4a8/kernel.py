@@ -69,7 +69,7 @@ def wa8_kernel(xq_ptr, xs_ptr, w_ptr, hi_ptr, s_ptr, out_ptr, M, N, K, GROUP,
             a, q, offs_k, mask_k, mask_w = load_k_tile(xq_ptr, K, w_ptr, hi_ptr, offs_m, offs_n, mask_m, mask_n,
                                                        tt, K, N, BITS, BLOCK_K)
             b = (q - (1 << (BITS - 1))).to(tl.int8)
-            iacc = tl.dot(a, b, acc=iacc)
+            iacc = tl.dot(a, b, acc=iacc, out_dtype=tl.int32)  # int8 x int8 -> int32 (older triton assumes float32)
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += iacc.to(tl.float32) * s[None, :]
         t = t_end
