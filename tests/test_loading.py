@@ -203,3 +203,18 @@ def test_plan_of_another_model_is_refused_naming_the_first_layer(root, tmp_path,
     err = capsys.readouterr().err.strip()
     assert "unknown module 'model.layers.2." in err and f"the plan was made for {deeper}" in err, err
     assert not (tmp_path / "q").exists()
+
+
+def test_half_precision_on_cpu_says_what_it_costs_and_the_summary_names_the_dtype(root, tmp_path, capsys):
+    capsys.readouterr()
+    assert run(["quantize", str(root / "tied"), "-o", str(tmp_path / "bf"), "--bits", "4", "--group-size", "32",
+                "--backend", "rtn", "--dtype", "bfloat16", "--device", "cpu", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: computing in bfloat16 on CPU (float32 is the default there)" in err, err
+    assert json.loads(out)["dtype"] == "bfloat16"
+    assert run(["quantize", str(root / "tied"), "-o", str(tmp_path / "fp"), "--bits", "4", "--group-size", "32",
+                "--backend", "rtn", "--device", "cpu", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "note:" not in err and json.loads(out)["dtype"] == "float32"
+    with safe_open(str(tmp_path / "bf" / "model.safetensors"), "pt") as f:  # stored as the source, either way
+        assert f.get_slice("model.norm.weight").get_dtype() == "BF16"

@@ -10,7 +10,7 @@ from lwq.commands.common import (DEVICES_OPT, DEVICE_OPT, DTYPE_OPT, JSON_OPT, M
                                  check_seed, emit, fmt_bytes, parse_size)
 from lwq.commands.options import PlanFlags, with_plan_flags
 from lwq.errors import BadInput, LwqError
-from lwq.ui import out_console, progress
+from lwq.ui import err_console, out_console, progress
 
 if TYPE_CHECKING:
     from lwq.spec import LayerSpec
@@ -80,6 +80,7 @@ def quantize_command(
     check_seed(seed)
     flags.check(model)
     load = LoadOptions(dtype, device, trust_remote_code, parse_size(max_memory, "--max-memory"))
+    half_on_cpu_note(load, quiet)
     workers = parse_devices(devices)
     alpha = parse_alpha(smooth_alpha)
     if workers and flags.budget is None and flags.config is None:
@@ -185,6 +186,18 @@ def parse_alpha(text: str) -> float | None:
     return value
 
 
+def half_on_cpu_note(load: Any, quiet: bool) -> None:
+    """Say what ``--dtype float16/bfloat16`` costs on CPU, where float32 is the default."""
+    from lwq.models.load import resolve_device, resolve_dtype
+
+    dt = resolve_dtype(load.dtype, resolve_device(load.device))
+    if resolve_device(load.device).type == "cpu" and dt.itemsize == 2:
+        name = str(dt).replace("torch.", "")
+        err_console(quiet).print(f"note: computing in {name} on CPU (float32 is the default there): less memory, "
+                                 f"often less time; activations carry {name} rounding (GPTQ's Hessians and solves "
+                                 "stay float32)", highlight=False, soft_wrap=True)
+
+
 def _finish(summary: dict[str, Any], budget: str | None, json_out: bool) -> None:
     """Print the summary; a result above its budget (the run's, or the one a --plan file states:
     a hand-edited plan can exceed it) is a failure, exit 1, after the checkpoint is written."""
@@ -206,8 +219,10 @@ def _render(s: dict[str, Any]) -> None:
         *([("budget", str(s["budget"])), ("solver", str(s["solver"])), ("scorer", str(s["scorer"]))]
           if s.get("budget") else []),
         ("quantized weights", fmt_bytes(s["quantized_bytes"])), ("checkpoint", fmt_bytes(s["checkpoint_bytes"])),
+        ("computed in", f"{s['dtype']} on {s['device']}") if s.get("dtype") else None,
         ("seconds", f"{s['seconds']:.1f}"),
     ]
+    rows = [r for r in rows if r is not None]
     for k, v in rows:
         table.add_row(k, v)
     out_console().print(table)

@@ -147,7 +147,7 @@ def quantize_to_checkpoint(
         "refine": "block" if refining else "none", "refine_steps": refine.steps if refining else 0,
         "refine_norms": bool(refining and refine.norms), "grid": grid,
         "bits_per_weight": 8.0 * qbytes / numel, "quantized_bytes": qbytes, "quantized_params": numel,
-        "num_layers": len(layer_plan), "num_blocks": nblocks, "device": str(dev),
+        "num_layers": len(layer_plan), "num_blocks": nblocks, "device": str(dev), "dtype": dtype,
         "calibration": None if batches is None else {"data": data, "nsamples": int(batches.shape[0]),
                                                      "seqlen": int(batches.shape[1]), "seed": seed},
         **(extra_summary or {}),
