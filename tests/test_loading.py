@@ -218,3 +218,22 @@ def test_half_precision_on_cpu_says_what_it_costs_and_the_summary_names_the_dtyp
     assert "note:" not in err and json.loads(out)["dtype"] == "float32"
     with safe_open(str(tmp_path / "bf" / "model.safetensors"), "pt") as f:  # stored as the source, either way
         assert f.get_slice("model.norm.weight").get_dtype() == "BF16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_byte_budget_counts_what_is_not_quantized_in_the_source_dtype(tmp_path, capsys, dtype):
+    """The rest (embeddings, head, norms) is stored in the source's dtype, and a byte budget pays for it
+    at that size: the checkpoint's tensors fit the budget whichever the dtype."""
+    src = save_tiny(tmp_path / "src", "llama", dtype=dtype)
+    (tmp_path / "text.txt").write_text(word_text(2000))
+    budget = 100_000
+    assert run(["quantize", str(src), "-o", str(tmp_path / "q"), "--budget", f"{budget}B", "--scorer", "zd",
+                "--backend", "rtn", "--group-size", "32", *QUICK]) == 0
+    summary = json.loads((tmp_path / "q" / "lwq_manifest.json").read_text())["summary"]
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        rest = {k: f.get_slice(k) for k in f.keys() if not k.startswith("model.layers.") or "norm" in k}
+        rest_bytes = sum(s.get_shape()[0] * (s.get_shape()[1] if len(s.get_shape()) > 1 else 1)
+                         * (4 if s.get_dtype() == "F32" else 2) for s in rest.values())
+        assert {s.get_dtype() for s in rest.values()} == {"F32" if dtype == torch.float32 else "BF16"}
+    assert summary["quantized_bytes"] + rest_bytes <= budget, (summary["quantized_bytes"], rest_bytes)
+    assert summary["quantized_bytes"] > 0.9 * (budget - rest_bytes) - 4096  # and the plan uses what is left

@@ -9,8 +9,9 @@ from lwq.commands.common import JSON_OPT, TRUST_OPT, emit_json, fmt_bytes
 from lwq.ui import out_console
 
 
-def model_info(model: Any, group_size: int = 128) -> dict[str, Any]:
-    """Facts about a loaded model, with exact sizes under uniform GPTQ-layout quantization."""
+def model_info(model: Any, group_size: int = 128, itemsize: int = 2) -> dict[str, Any]:
+    """Facts about a loaded model, with exact sizes under uniform GPTQ-layout quantization (what is not
+    quantized stored ``itemsize`` bytes an element: the source's dtype)."""
     from lwq.formats.bytes import layer_bytes
     from lwq.models.arch import arch_for, get_blocks, linear_names, linear_shape
     from lwq.spec import LayerSpec
@@ -20,7 +21,7 @@ def model_info(model: Any, group_size: int = 128) -> dict[str, Any]:
     shapes = [linear_shape(model.get_submodule(n)) for n in names]
     num_params = sum(p.numel() for p in model.parameters())
     quantizable = sum(o * i for o, i in shapes)
-    rest_bytes = 2 * (num_params - quantizable)
+    rest_bytes = itemsize * (num_params - quantizable)
     sizes = {}
     for bits in (16, 8, 4, 3, 2):
         s = LayerSpec(bits=bits, group_size=group_size)
@@ -60,7 +61,10 @@ def info_command(
     from lwq.spec import LayerSpec
 
     LayerSpec(group_size=group_size)  # validates the group size with a clear error
-    doc = {"model": model, **model_info(_model(model, trust_remote_code), group_size)}
+    from lwq.models.load import source_dtype
+
+    loaded = _model(model, trust_remote_code)
+    doc = {"model": model, **model_info(loaded, group_size, source_dtype(model, trust_remote_code).itemsize)}
     if json_out:
         emit_json(doc)
         return

@@ -177,8 +177,9 @@ def model_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {n: linear_shape(model.get_submodule(n)) for n in linear_names(model)}
 
 
-def rest_bytes(model: nn.Module, shapes: Mapping[str, tuple[int, int]]) -> int:
-    """Bytes of what stays 16-bit (embeddings, lm_head, norms, biases): all parameters but the counted linears."""
+def rest_bytes(model: nn.Module, shapes: Mapping[str, tuple[int, int]], itemsize: int = 2) -> int:
+    """Checkpoint bytes of what is not quantized (embeddings, lm_head, norms, biases: all parameters but
+    the counted linears, a tied one once), stored ``itemsize`` bytes each (the source's dtype)."""
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return 2 * (total - sum(o * i for o, i in shapes.values()))
+    return itemsize * (total - sum(o * i for o, i in shapes.values()))
 

@@ -47,7 +47,7 @@ def plan_for_model(
     from lwq.allocate.candidates import load_error_db, save_error_db
     from lwq.calib.store import load_calib
     from lwq.errors import BadInput
-    from lwq.models.load import check_finite_weights, resolve_device, resolve_dtype
+    from lwq.models.load import check_finite_weights, resolve_device, resolve_dtype, source_dtype
     from lwq.models.placement import place
     from lwq.score import SCORERS
 
@@ -61,7 +61,8 @@ def plan_for_model(
         model, loader, _how = lazy_or_whole(model_name, dtype, str(dev))
     if model is None:
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
-    check_feasible(model, recipe)  # before calibration
+    itemsize = source_dtype(model_name, load.trust_remote_code).itemsize  # what the checkpoint stores unquantized
+    check_feasible(model, recipe, itemsize)  # before calibration
     check_finite_weights(model)
     measure = None
     if len(devices) > 1:
@@ -84,7 +85,7 @@ def plan_for_model(
         plan, db = plan_model(model, samples, recipe, seed, stats, on_step,
                               meta={"model": _source_name(model_name), "data": data, "seed": seed,
                                     "nsamples": nsamples, "seqlen": seqlen}, db=db, measure=measure,
-                              placement=placement)
+                              placement=placement, itemsize=itemsize)
     finally:
         if loader is None:
             model.to("cpu")
@@ -108,9 +109,10 @@ def reads_blocks_only(recipe: Any, data: str | None, calib: str | None, load: Lo
             and data not in (None, SELF_DATA) and not load.trust_remote_code)
 
 
-def check_feasible(model: nn.Module, recipe: Recipe) -> None:
+def check_feasible(model: nn.Module, recipe: Recipe, itemsize: int = 2) -> None:
     """Refuse, before any forward pass, a budget below the smallest plan the candidates allow (from
-    the weight shapes only: ``model`` may live on the meta device)."""
+    the weight shapes only: ``model`` may live on the meta device; ``itemsize``: bytes per stored
+    element of what is not quantized)."""
     from lwq.allocate import budget_bytes, in_budget_units, parse_budget
     from lwq.allocate.types import min_bytes
 
@@ -119,7 +121,7 @@ def check_feasible(model: nn.Module, recipe: Recipe) -> None:
     shapes = model_shapes(model)
     layers = recipe_candidates(shapes, recipe)
     b = parse_budget(recipe.budget)
-    rest = rest_bytes(model, shapes)
+    rest = rest_bytes(model, shapes, itemsize)
     smallest = min_bytes(layers)
     if budget_bytes(b, layers, rest) < smallest:
         raise BadInput(f"budget {b.text} is infeasible: the minimum is {in_budget_units(b, smallest, layers, rest)} "
@@ -197,11 +199,13 @@ def solver_options(model: nn.Module, recipe: Recipe, samples: torch.Tensor | Non
 
 def plan_model(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, seed: int = 0, stats: Any = None,
                on_step: Progress | None = None, meta: Mapping[str, Any] | None = None,
-               db: Any = None, measure: Any = None, placement: Placement | None = None) -> tuple[Plan, Any]:
+               db: Any = None, measure: Any = None, placement: Placement | None = None,
+               itemsize: int = 2) -> tuple[Plan, Any]:
     """The plan for ``model`` under ``recipe.budget`` (see module docstring), and the measured-error
     database when one was used (pass it back as ``db`` to plan other budgets without measuring again).
     ``measure``: how missing measurements run (``measured_errors``); ``placement``: where the model
-    computes (``lwq.models.placement``; default: where its parameters are)."""
+    computes (``lwq.models.placement``; default: where its parameters are); ``itemsize``: bytes per
+    stored element of what is not quantized (the source's dtype), for byte and fraction budgets."""
     if recipe.budget is None:
         raise BadInput("no budget given: pass --budget (e.g. 3.25bit, 4GB, 0.25x) or a recipe with one")
     if not any(isinstance(m, LINEAR_TYPES) for m in model.modules()):
@@ -218,7 +222,7 @@ def plan_model(model: nn.Module, samples: torch.Tensor | None, recipe: Recipe, s
         if db is not None:  # kept with the database, so other budgets reuse the ratios too
             db = ErrorDB(db.entries, {**db.meta, "refinement": record})
     shapes = model_shapes(model)
-    alloc = allocate(layers, recipe.budget, rest_bytes(model, shapes), recipe.solver,
+    alloc = allocate(layers, recipe.budget, rest_bytes(model, shapes, itemsize), recipe.solver,
                      **solver_options(model, recipe, samples, seed, placement))
     info = {k: v for k, v in alloc.info.items() if k != "history"}
     plan = plan_from_allocation(layers, alloc, recipe.budget, recipe.scorer,

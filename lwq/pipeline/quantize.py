@@ -203,7 +203,8 @@ def quantize_with_budget(
     if plan is None:
         from lwq.pipeline.plan import check_feasible
 
-        check_feasible(_shapes_model(model_name, dtype, load), recipe)  # before loading or calibrating
+        check_feasible(_shapes_model(model_name, dtype, load), recipe,
+                       source_dtype(model_name, load.trust_remote_code).itemsize)  # before loading or calibrating
         planning = fingerprint(model=model_identity(model_name), recipe=asdict(recipe), data=data, nsamples=nsamples,
                                seqlen=seqlen, seed=seed, text_field=text_field, calib=calib, dtype=dtype,
                                device=resolve_device(load.device).type)
@@ -229,7 +230,8 @@ def quantize_with_budget(
         from lwq.models.arch import rest_bytes
 
         ref = model if model is not None else (shapes or _shapes_model(model_name, dtype, load))
-        cap = budget_bytes(parse_budget(plan.budget), list(plan.layers.values()), rest_bytes(ref, model_shapes(ref)))
+        rest = rest_bytes(ref, model_shapes(ref), source_dtype(model_name, load.trust_remote_code).itemsize)
+        cap = budget_bytes(parse_budget(plan.budget), list(plan.layers.values()), rest)
     extra = {"budget": plan.budget, "solver": plan.solver, "scorer": plan.scorer,
              "planned_bits_per_weight": plan.bits_per_weight, "budget_bytes": cap}
     res = quantize_to_checkpoint(model_name, out, lambda _m: plan.specs, data, nsamples, seqlen, seed, load, force,
