@@ -51,7 +51,7 @@ def test_budget_bytes_total_subtracts_rest():
     layers = [L(10**6)]
     assert budget_bytes(parse_budget("1MB"), layers, rest_bytes=200_000) == 800_000
     assert budget_bytes(parse_budget("1MiB"), layers, rest_bytes=48_576) == 2**20 - 48_576
-    with pytest.raises(BadInput, match="16-bit rest"):
+    with pytest.raises(BadInput, match="what stays unquantized"):
         budget_bytes(parse_budget("100kB"), layers, rest_bytes=200_000)
 
 

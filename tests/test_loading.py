@@ -210,7 +210,7 @@ def test_half_precision_on_cpu_says_what_it_costs_and_the_summary_names_the_dtyp
     assert run(["quantize", str(root / "tied"), "-o", str(tmp_path / "bf"), "--bits", "4", "--group-size", "32",
                 "--backend", "rtn", "--dtype", "bfloat16", "--device", "cpu", "--json"]) == 0
     out, err = capsys.readouterr()
-    assert "note: computing in bfloat16 on CPU (float32 is the default there)" in err, err
+    assert "note: computing in bfloat16 on CPU (float32 is the default there): less memory" in err, err
     assert json.loads(out)["dtype"] == "bfloat16"
     assert run(["quantize", str(root / "tied"), "-o", str(tmp_path / "fp"), "--bits", "4", "--group-size", "32",
                 "--backend", "rtn", "--device", "cpu", "--json"]) == 0
@@ -237,3 +237,23 @@ def test_byte_budget_counts_what_is_not_quantized_in_the_source_dtype(tmp_path, 
         assert {s.get_dtype() for s in rest.values()} == {"F32" if dtype == torch.float32 else "BF16"}
     assert summary["quantized_bytes"] + rest_bytes <= budget, (summary["quantized_bytes"], rest_bytes)
     assert summary["quantized_bytes"] > 0.9 * (budget - rest_bytes) - 4096  # and the plan uses what is left
+
+
+def test_stored_dtype_comes_from_the_weights_when_config_names_none_and_is_never_wider_than_computed(tmp_path):
+    def rest_dtypes(ckpt):
+        with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys() if "norm" in k or "embed" in k or "lm_head" in k}
+
+    src = save_tiny(tmp_path / "bf", "llama", dtype=torch.bfloat16)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+    (src / "config.json").write_text(json.dumps(cfg))
+    args = ["--bits", "4", "--group-size", "32", "--backend", "rtn", "--device", "cpu", "--quiet"]
+    assert run(["quantize", str(src), "-o", str(tmp_path / "q1"), *args]) == 0
+    assert rest_dtypes(tmp_path / "q1") == {"BF16"}  # read from the safetensors headers, not assumed float32
+    fp32 = save_tiny(tmp_path / "fp", "llama")
+    assert run(["quantize", str(fp32), "-o", str(tmp_path / "q2"), "--dtype", "bfloat16", *args]) == 0
+    assert rest_dtypes(tmp_path / "q2") == {"BF16"}  # computed in bf16: fp32 storage would hold bf16 values
+    assert json.loads((tmp_path / "q2" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert run(["quantize", str(fp32), "-o", str(tmp_path / "q3"), *args]) == 0
+    assert rest_dtypes(tmp_path / "q3") == {"F32"}

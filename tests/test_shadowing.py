@@ -34,8 +34,8 @@ def our_top_level_names(root: Path) -> dict[str, Path]:
     for entry in root.iterdir():  # what ``python -m`` from the root can import
         if not entry.stem.isidentifier():
             continue
-        if entry.is_dir():
-            out[entry.name] = entry
+        if entry.is_dir() and (entry / "__init__.py").exists():  # a folder without one is a namespace
+            out[entry.name] = entry                                # portion: any real module of that name wins
         elif entry.suffix == ".py":
             out[entry.stem] = entry
     for folder in SEARCHED:

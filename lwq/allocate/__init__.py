@@ -74,7 +74,7 @@ def run_solver(name: str, layers: Sequence[LayerCandidates], cap_bytes: int, **o
 
 def allocate(layers: Sequence[LayerCandidates], budget: Budget | str, rest_bytes: int = 0, solver: str = "dp",
              **options: Any) -> Allocation:
-    """Allocate under ``budget`` (``rest_bytes``: the 16-bit rest of the checkpoint, for byte and
+    """Allocate under ``budget`` (``rest_bytes``: the unquantized rest of the checkpoint, for byte and
     fraction budgets); an infeasible budget is refused with the minimum in the budget's units."""
     b = parse_budget(budget) if isinstance(budget, str) else budget
     cap = budget_bytes(b, layers, rest_bytes)

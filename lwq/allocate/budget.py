@@ -1,7 +1,8 @@
 """Budgets: ``3.25bit`` / ``3.25bpw`` (average real bits per quantized weight, scales, zeros and
 g_idx included), ``4GB`` / ``3.5GiB`` / ``500MB`` / ``1.2e9B`` (total checkpoint bytes: the quantized
-layers plus the 16-bit rest: embeddings, lm_head, norms, biases) and ``0.25x`` (fraction of the
-all-fp16 checkpoint). ``budget_bytes`` turns any of them into a byte cap for the quantized layers.
+layers plus the rest, stored unquantized in the checkpoint's dtype: embeddings, lm_head, norms,
+biases) and ``0.25x`` (fraction of the checkpoint with every counted layer in 16 bits). ``budget_bytes``
+turns any of them into a byte cap for the quantized layers.
 """
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def budget_bytes(budget: Budget, layers: Sequence[HasNumel], rest_bytes: int) ->
     """The byte cap for the quantized (counted) layers under ``budget``.
 
     ``layers``: the counted linears (anything with ``numel``); ``rest_bytes``: the checkpoint bytes
-    kept in 16-bit outside them (embeddings, lm_head, norms, biases). A byte or fraction budget that
-    the rest alone already fills is refused with the size of the rest.
+    stored unquantized outside them (embeddings, lm_head, norms, biases, in the checkpoint's dtype). A
+    byte or fraction budget that the rest alone already fills is refused with the size of the rest.
     """
     numel = sum(int(lc.numel) for lc in layers)
     if numel <= 0:
@@ -79,7 +80,7 @@ def budget_bytes(budget: Budget, layers: Sequence[HasNumel], rest_bytes: int) ->
     total = budget.value if budget.kind == "bytes" else budget.value * fp16_bytes(layers, rest_bytes)
     cap = int(math.floor(total)) - int(rest_bytes)
     if cap <= 0:
-        raise BadInput(f"budget {budget.text} leaves nothing for the quantized layers: the 16-bit rest "
+        raise BadInput(f"budget {budget.text} leaves nothing for the quantized layers: what stays unquantized "
                        f"(embeddings, lm_head, norms, biases) alone takes {int(rest_bytes)} bytes")
     return cap
 

@@ -188,14 +188,18 @@ def parse_alpha(text: str) -> float | None:
 
 def half_on_cpu_note(load: Any, quiet: bool) -> None:
     """Say what ``--dtype float16/bfloat16`` costs on CPU, where float32 is the default."""
+    import torch
+
     from lwq.models.load import resolve_device, resolve_dtype
 
     dt = resolve_dtype(load.dtype, resolve_device(load.device))
     if resolve_device(load.device).type == "cpu" and dt.itemsize == 2:
         name = str(dt).replace("torch.", "")
+        speed = ("and, on CPUs with bfloat16 matmuls, less time" if dt == torch.bfloat16 else
+                 "but float16 matmuls are slow on most CPUs")
         err_console(quiet).print(f"note: computing in {name} on CPU (float32 is the default there): less memory, "
-                                 f"often less time; activations carry {name} rounding (GPTQ's Hessians and solves "
-                                 "stay float32)", highlight=False, soft_wrap=True)
+                                 f"{speed}; activations carry {name} rounding (GPTQ's Hessians and solves stay "
+                                 "float32)", highlight=False, soft_wrap=True)
 
 
 def _finish(summary: dict[str, Any], budget: str | None, json_out: bool) -> None:

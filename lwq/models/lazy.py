@@ -93,9 +93,11 @@ def materialize(model: nn.Module, index: SafetensorsIndex, device: torch.device 
         if keep(name) and p.is_meta:
             aliases.setdefault(id(p), []).append(name)
             shapes[name] = tuple(p.shape)
-    meta_buffers = [(n, b) for n, b in model.named_buffers() if keep(n) and b.is_meta]
+    # non-persistent buffers are recomputed, never read from the file (as transformers does)
+    recomputed = {name for name, b in _non_persistent(model) if keep(name) and b.is_meta}
+    meta_buffers = [(n, b) for n, b in model.named_buffers() if keep(n) and b.is_meta and n not in recomputed]
     shapes.update((n, tuple(b.shape)) for n, b in meta_buffers)
-    np_owners = {name.rpartition(".")[0] for name, b in _non_persistent(model) if keep(name) and b.is_meta}
+    np_owners = {name.rpartition(".")[0] for name in recomputed}
     for owner in sorted(np_owners):
         mod = modules[owner]
         mod.to_empty(device=device, recurse=False)

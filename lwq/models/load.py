@@ -51,19 +51,49 @@ def resolve_dtype(dtype: str, device: torch.device, config_dtype: Any = None) ->
 
 
 def source_dtype(name: str, trust_remote_code: bool = False) -> torch.dtype:
-    """The dtype a model's weights are published in (config.json's ``dtype``; float32 when it names
-    none, as transformers assumes): the dtype its checkpoint keeps for what lwq does not quantize."""
+    """The dtype a model's weights are published in: config.json's ``dtype`` (or its ``text_config``'s),
+    else, for a local folder, the most common floating dtype in its safetensors headers (what
+    transformers' ``dtype="auto"`` reads too), else float32. The dtype its checkpoint keeps for what lwq
+    does not quantize (see ``store_dtype``)."""
     if looks_local(name):
         cfg = read_config(name)
-        raw = cfg.get("dtype") or cfg.get("torch_dtype")
     else:
         from transformers import AutoConfig
 
         ensure_hub(name)
-        raw = getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), "dtype", None)
-    if isinstance(raw, torch.dtype):
-        return raw if raw.is_floating_point else torch.float32
-    return DTYPES.get(str(raw or "float32").replace("torch.", ""), torch.float32)
+        cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).to_dict()
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    raw = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    if raw is None and looks_local(name):
+        raw = _header_dtype(Path(name).expanduser())
+    found = raw if isinstance(raw, torch.dtype) else DTYPES.get(str(raw or "float32").replace("torch.", ""))
+    return found if found is not None and found.is_floating_point else torch.float32
+
+
+def store_dtype(source: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """What a checkpoint stores its unquantized tensors in: the source's dtype, or the compute dtype when
+    that is narrower (a float32 model computed in 16 bits holds 16-bit values; storing them in 32 would
+    only waste bytes)."""
+    return compute if compute.itemsize < source.itemsize else source
+
+
+def checkpoint_dtype(name: str, compute: str, trust_remote_code: bool = False) -> torch.dtype:
+    """``store_dtype`` of ``name``'s source dtype and the compute dtype ``compute`` (``float32``...)."""
+    return store_dtype(source_dtype(name, trust_remote_code), DTYPES[compute])
+
+
+def _header_dtype(folder: Path) -> str | None:
+    """The most common floating dtype among the tensors of ``folder``'s safetensors files (headers only)."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    count: Counter[str] = Counter()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            count.update(names[d] for d in (st.get_slice(k).get_dtype() for k in st.keys()) if d in names)
+    return count.most_common(1)[0][0] if count else None
 
 
 def looks_local(name: str) -> bool:

@@ -47,7 +47,7 @@ def plan_for_model(
     from lwq.allocate.candidates import load_error_db, save_error_db
     from lwq.calib.store import load_calib
     from lwq.errors import BadInput
-    from lwq.models.load import check_finite_weights, resolve_device, resolve_dtype, source_dtype
+    from lwq.models.load import check_finite_weights, checkpoint_dtype, resolve_device, resolve_dtype
     from lwq.models.placement import place
     from lwq.score import SCORERS
 
@@ -61,7 +61,7 @@ def plan_for_model(
         model, loader, _how = lazy_or_whole(model_name, dtype, str(dev))
     if model is None:
         model = load_model(model_name, dtype, "cpu", load.trust_remote_code)
-    itemsize = source_dtype(model_name, load.trust_remote_code).itemsize  # what the checkpoint stores unquantized
+    itemsize = checkpoint_dtype(model_name, dtype, load.trust_remote_code).itemsize  # what the checkpoint stores as is
     check_feasible(model, recipe, itemsize)  # before calibration
     check_finite_weights(model)
     measure = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lwq.models.load import load_tokenizer, source_dtype
+from lwq.models.load import checkpoint_dtype, load_tokenizer
 from lwq.pipeline.load import load_model
 from lwq.fileio import locked
 from lwq.pipeline.common import LoadOptions, Progress, calib_batches
@@ -68,9 +68,10 @@ def quantize_to_checkpoint(
     check_output(out, "checkpoint", force, inputs=[model_name] if looks_local(model_name) else [])
     if looks_local(model_name) and is_lwq_checkpoint(model_name):
         raise BadInput(f"{model_name} is already an lwq checkpoint; quantize the original model")
-    work = work or WorkFolder.claim(out, resume, force)
     dev = resolve_device(load.device)
     dtype = str(resolve_dtype(load.dtype, dev)).replace("torch.", "")
+    store = checkpoint_dtype(model_name, dtype, load.trust_remote_code)  # before the long part: it may ask the hub
+    work = work or WorkFolder.claim(out, resume, force)
     loader, how = None, "eager"
     if model is None and lazy:
         model, loader, how = lazy_or_whole(model_name, dtype, str(dev), load.trust_remote_code)
@@ -156,7 +157,7 @@ def quantize_to_checkpoint(
     path = save_checkpoint(model, out, layer_plan, model_name, {"summary": manifest}, force=force,
                            tokenizer=None if looks_local(model_name) else tok, extra_files=extra_files,
                            state=stream_state(model, work),
-                           store_dtype=source_dtype(model_name, load.trust_remote_code))
+                           store_dtype=store)
     work.remove()
     summary.update(seconds=seconds, resumed_from_block=start, loader=how,
                    checkpoint_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")))
@@ -203,8 +204,8 @@ def quantize_with_budget(
     if plan is None:
         from lwq.pipeline.plan import check_feasible
 
-        check_feasible(_shapes_model(model_name, dtype, load), recipe,
-                       source_dtype(model_name, load.trust_remote_code).itemsize)  # before loading or calibrating
+        itemsize = checkpoint_dtype(model_name, dtype, load.trust_remote_code).itemsize
+        check_feasible(_shapes_model(model_name, dtype, load), recipe, itemsize)  # before loading or calibrating
         planning = fingerprint(model=model_identity(model_name), recipe=asdict(recipe), data=data, nsamples=nsamples,
                                seqlen=seqlen, seed=seed, text_field=text_field, calib=calib, dtype=dtype,
                                device=resolve_device(load.device).type)
@@ -230,7 +231,8 @@ def quantize_with_budget(
         from lwq.models.arch import rest_bytes
 
         ref = model if model is not None else (shapes or _shapes_model(model_name, dtype, load))
-        rest = rest_bytes(ref, model_shapes(ref), source_dtype(model_name, load.trust_remote_code).itemsize)
+        itemsize = checkpoint_dtype(model_name, dtype, load.trust_remote_code).itemsize
+        rest = rest_bytes(ref, model_shapes(ref), itemsize)
         cap = budget_bytes(parse_budget(plan.budget), list(plan.layers.values()), rest)
     extra = {"budget": plan.budget, "solver": plan.solver, "scorer": plan.scorer,
              "planned_bits_per_weight": plan.bits_per_weight, "budget_bytes": cap}
