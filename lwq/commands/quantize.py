@@ -80,7 +80,6 @@ def quantize_command(
     check_seed(seed)
     flags.check(model)
     load = LoadOptions(dtype, device, trust_remote_code, parse_size(max_memory, "--max-memory"))
-    half_on_cpu_note(load, quiet)
     workers = parse_devices(devices)
     alpha = parse_alpha(smooth_alpha)
     if workers and flags.budget is None and flags.config is None:
@@ -103,6 +102,7 @@ def quantize_command(
                                        force, text_field, flags.calib, step, step, plan=plan_file, resume=resume,
                                        devices=workers, smooth_alpha=alpha, refine=cfg, grid=recipe.grid,
                                        on_refine=refine_bar(prog) if cfg else None)
+        half_on_cpu_note(load, quiet)  # after the run: a refused input stays one line
         _finish(res.summary, recipe.budget or res.summary.get("budget"), json_out)
         return
     if flags.config is not None:
@@ -126,6 +126,7 @@ def quantize_command(
             resume=resume, lazy=True, smooth_alpha=alpha, refine=cfg, grid=grid or "minmax",
             on_refine=refine_bar(prog) if cfg else None,
         )
+    half_on_cpu_note(load, quiet)
     _finish(res.summary, None, json_out)
 
 
@@ -192,8 +193,9 @@ def half_on_cpu_note(load: Any, quiet: bool) -> None:
 
     from lwq.models.load import resolve_device, resolve_dtype
 
-    dt = resolve_dtype(load.dtype, resolve_device(load.device))
-    if resolve_device(load.device).type == "cpu" and dt.itemsize == 2:
+    dev = resolve_device(load.device)
+    dt = resolve_dtype(load.dtype, dev)
+    if dev.type == "cpu" and dt.itemsize == 2:
         name = str(dt).replace("torch.", "")
         speed = ("and, on CPUs with bfloat16 matmuls, less time" if dt == torch.bfloat16 else
                  "but float16 matmuls are slow on most CPUs")
@@ -223,10 +225,9 @@ def _render(s: dict[str, Any]) -> None:
         *([("budget", str(s["budget"])), ("solver", str(s["solver"])), ("scorer", str(s["scorer"]))]
           if s.get("budget") else []),
         ("quantized weights", fmt_bytes(s["quantized_bytes"])), ("checkpoint", fmt_bytes(s["checkpoint_bytes"])),
-        ("computed in", f"{s['dtype']} on {s['device']}") if s.get("dtype") else None,
+        *([("computed in", f"{s['dtype']} on {s['device']}")] if s.get("dtype") else []),
         ("seconds", f"{s['seconds']:.1f}"),
     ]
-    rows = [r for r in rows if r is not None]
     for k, v in rows:
         table.add_row(k, v)
     out_console().print(table)

@@ -22,7 +22,7 @@ from lwq.fileio import write_error
 from lwq.formats.folder import (MAX_SHARD_BYTES, TOKENIZER_FILES, TensorRef, copy_side_files,
                                model_from_config, sha256_file, write_json, write_shards)
 from lwq.formats.qlinear import QuantizedLinear, add_v1_tensors, install_empty
-from lwq.models.load import check_finite_weights, read_config, resolve_device, resolve_dtype
+from lwq.models.load import check_finite_weights, read_config, resolve_device, resolve_dtype, wrong_shape
 from lwq.spec import LayerSpec
 
 FORMAT_VERSION = 2  # 2: no g_idx stored for layers without act-order (1: stored for every gptq layer)
@@ -239,9 +239,7 @@ def check_tensor_names(model: nn.Module, shards: list[Path]) -> None:
         raise BadInput(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     wrong = [k for k in stored if stored[k] != expected[k]]
     if wrong:
-        more = f" ({len(wrong) - 1} more differ)" if len(wrong) > 1 else ""
-        raise BadInput(f"{wrong[0]} has shape {list(stored[wrong[0]])} in the checkpoint, but config.json makes it "
-                       f"{list(expected[wrong[0]])}{more} (config.json edited, or tensors of another model?)")
+        raise wrong_shape(wrong[0], "in the checkpoint", stored[wrong[0]], expected[wrong[0]], len(wrong) - 1)
 
 
 def tied_weights(model: nn.Module) -> dict[str, str]:

@@ -20,9 +20,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lwq.errors import BadInput, LwqError, one_line
+from lwq.errors import LwqError
 from lwq.models.arch import ArchSpec, arch_for, get_blocks
-from lwq.models.load import CONFIG_ERRORS, check_local_model, looks_local, resolve_device, resolve_dtype
+from lwq.models.load import (CONFIG_ERRORS, check_local_model, invalid_config, looks_local, resolve_device,
+                             resolve_dtype, wrong_shape)
 
 
 class LazyUnsupported(LwqError):
@@ -114,10 +115,8 @@ def materialize(model: nn.Module, index: SafetensorsIndex, device: torch.device 
     tensors = index.read(list(wanted), device)
     for key, names in wanted.items():
         t = tensors[key]
-        want = shapes[names[0]]
-        if tuple(t.shape) != want:
-            raise BadInput(f"{key} in {index.root / index.files[key]} has shape {list(t.shape)}, but config.json "
-                           f"makes it {list(want)} (config.json edited, or weights of another model?)")
+        if tuple(t.shape) != shapes[names[0]]:
+            raise wrong_shape(key, f"in {index.root / index.files[key]}", t.shape, shapes[names[0]])
         if t.is_floating_point():
             t = t.to(dtype)
         param = nn.Parameter(t, requires_grad=False)  # one object for all tied names
@@ -193,7 +192,7 @@ def meta_model(name: str, dtype: str = "auto", device: str = "auto") -> tuple[nn
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
     except CONFIG_ERRORS as exc:  # eager loading would fail the same way
-        raise BadInput(f"cannot load {name}: config.json does not describe a valid model: {one_line(exc)}") from None
+        raise invalid_config(name, exc) from None
     except (ValueError, OSError, KeyError) as exc:
         raise LazyUnsupported(f"cannot build {name} from its config: {str(exc).splitlines()[0][:200]}") from None
     return model.eval(), torch_dtype

@@ -18,6 +18,19 @@ try:  # transformers 5 validates configs as strict dataclasses; their errors are
 except ImportError:  # an older huggingface_hub: configs raise ValueError only
     CONFIG_ERRORS = ()
 
+def invalid_config(name: str, exc: BaseException) -> BadInput:
+    """The one line for a config.json that transformers' validation rejects."""
+    return BadInput(f"cannot load {name}: config.json does not describe a valid model: {one_line(exc)}")
+
+
+def wrong_shape(key: str, where: str, stored: Any, wanted: Any, others: int = 0) -> BadInput:
+    """The one line for a stored tensor whose shape is not the one config.json makes it (``others``:
+    how many more differ)."""
+    more = f" ({others} more differ)" if others else ""
+    return BadInput(f"{key} {where} has shape {list(stored)}, but config.json makes it {list(wanted)}{more} "
+                    "(config.json edited, or weights of another model?)")
+
+
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -239,7 +252,7 @@ def _from_pretrained(name: str, torch_dtype: torch.dtype, trust_remote_code: boo
             ignore_mismatched_sizes=True, output_loading_info=True,  # refused below, in one line
         )
     except CONFIG_ERRORS as exc:
-        raise BadInput(f"cannot load {name}: config.json does not describe a valid model: {one_line(exc)}") from None
+        raise invalid_config(name, exc) from None
     except ValueError as exc:
         msg = str(exc).splitlines()[0]
         if "trust_remote_code" in msg:
@@ -267,9 +280,7 @@ def check_loading_info(name: str, info: dict[str, Any]) -> None:
     mismatched = sorted(info.get("mismatched_keys") or [])
     if mismatched:
         key, stored, wanted = mismatched[0]
-        more = f" ({len(mismatched) - 1} more differ)" if len(mismatched) > 1 else ""
-        raise BadInput(f"{name}: {key} has shape {list(stored)} in the weight files, but config.json makes it "
-                       f"{list(wanted)}{more} (config.json edited, or weights of another model?)")
+        raise wrong_shape(key, f"in the weight files of {name}", stored, wanted, len(mismatched) - 1)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise BadInput(f"{name}: the weight files lack {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
@@ -290,7 +301,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
             local_files_only=local,
         )
     except CONFIG_ERRORS as exc:  # AutoTokenizer reads config.json too
-        raise BadInput(f"cannot load {name}: config.json does not describe a valid model: {one_line(exc)}") from None
+        raise invalid_config(name, exc) from None
     except (OSError, ValueError, TypeError) as exc:
         raise BadInput(f"cannot load a tokenizer for {name}: {one_line(exc, 200)}") from None
 

@@ -194,6 +194,7 @@ def quantize_with_budget(
     from lwq.calib.data import SELF_DATA
 
     dtype = str(resolve_dtype(load.dtype, resolve_device(load.device))).replace("torch.", "")
+    itemsize = checkpoint_dtype(model_name, dtype, load.trust_remote_code).itemsize  # of what stays unquantized
     batches = None
     shapes = None  # a copy of the model for names and shapes (on meta when it can be built so)
     if isinstance(plan, str):
@@ -204,7 +205,6 @@ def quantize_with_budget(
     if plan is None:
         from lwq.pipeline.plan import check_feasible
 
-        itemsize = checkpoint_dtype(model_name, dtype, load.trust_remote_code).itemsize
         check_feasible(_shapes_model(model_name, dtype, load), recipe, itemsize)  # before loading or calibrating
         planning = fingerprint(model=model_identity(model_name), recipe=asdict(recipe), data=data, nsamples=nsamples,
                                seqlen=seqlen, seed=seed, text_field=text_field, calib=calib, dtype=dtype,
@@ -231,7 +231,6 @@ def quantize_with_budget(
         from lwq.models.arch import rest_bytes
 
         ref = model if model is not None else (shapes or _shapes_model(model_name, dtype, load))
-        itemsize = checkpoint_dtype(model_name, dtype, load.trust_remote_code).itemsize
         rest = rest_bytes(ref, model_shapes(ref), itemsize)
         cap = budget_bytes(parse_budget(plan.budget), list(plan.layers.values()), rest)
     extra = {"budget": plan.budget, "solver": plan.solver, "scorer": plan.scorer,
